@@ -271,6 +271,11 @@ class MoDELinear(nn.Module, MoDELayer):
 
         ``adapter_names`` has one entry per sample along the first dimension of ``x``.
         """
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} samples; pass "
+                "one adapter name (or '__base__') per sample."
+            )
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         for name in set(adapter_names):

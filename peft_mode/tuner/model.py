@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -121,6 +123,38 @@ class MoDEModel(BaseTuner):
         """
         self._check_mode_merge(adapter_names)
         return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Pass ``adapter_names`` (one adapter name per sample, or ``"__base__"``) to every MoDE layer."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError(
+                "adapter_names (one adapter per sample) works in eval mode only; call model.eval() first."
+            )
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
+        if unknown:
+            raise ValueError(
+                f"adapter_names contains unknown adapters {unknown}; available: {sorted(self.peft_config)} "
+                "and '__base__' for the base model."
+            )
+
+        def add_adapter_names(module, module_args, module_kwargs, names):
+            module_kwargs["adapter_names"] = names
+            return module_args, module_kwargs
+
+        handles = [
+            layer.register_forward_pre_hook(partial(add_adapter_names, names=adapter_names), with_kwargs=True)
+            for _, layer in self.mode_layers()
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def mode_layers(self) -> list[tuple[str, MoDELayer]]:
         """Return ``(module name, layer)`` for every MoDE layer of the model, in module order."""
