@@ -100,6 +100,6 @@ def write_mode_card(
 
     tags = set(card.data.tags or [])
     card.data.tags = sorted(tags.union(CARD_TAGS))
-    if not card.data.library_name:
-        card.data.library_name = "peft"
+    # A MoDE adapter is loaded through peft, whatever template the card started from.
+    card.data.library_name = "peft"
     card.save(filename)

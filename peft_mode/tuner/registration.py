@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 
+import peft
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
@@ -29,6 +33,22 @@ from .peft_type import MODE_PEFT_TYPE
 logger = logging.getLogger(__name__)
 
 _PATCH_MARKER = "_peft_mode_wrapped"
+
+# NOTE: keep in step with the peft requirement in pyproject.toml. The tuner subclasses peft's
+# BaseTuner and BaseTunerLayer, whose private hooks change between minor releases.
+SUPPORTED_PEFT_VERSIONS = SpecifierSet(">=0.21,<0.22")
+
+
+def check_peft_version(version: str) -> bool:
+    """Warn and return False if ``version`` of peft is outside `SUPPORTED_PEFT_VERSIONS`."""
+    if Version(version) in SUPPORTED_PEFT_VERSIONS:
+        return True
+    warnings.warn(
+        f"peft-mode supports peft {SUPPORTED_PEFT_VERSIONS}, but peft {version} is installed. MoDE adapters may "
+        f"fail to build, save or load. Install a supported release: pip install 'peft{SUPPORTED_PEFT_VERSIONS}'.",
+        stacklevel=3,
+    )
+    return False
 
 
 def mode_configs_of(peft_model: PeftModel) -> dict[str, MoDEConfig]:
@@ -50,11 +70,13 @@ def _wrap_card_writer(original):
 
 def _wrap_upload(original):
     # transformers' push_to_hub replaces the README that save_pretrained wrote with the card it
-    # loads from the Hub, so the MoDE section is written again right before the upload.
+    # loads from the Hub (a transformers template for a new repository), so peft's card fields
+    # and the MoDE section are written again right before the upload.
     @functools.wraps(original)
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
         mode_configs = mode_configs_of(self) if isinstance(self, PeftModel) else {}
         if mode_configs:
+            self.create_or_update_model_card(str(working_dir))
             write_mode_card(str(working_dir), mode_configs, repo_id=repo_id)
         return original(self, working_dir, repo_id, *args, **kwargs)
 
@@ -64,6 +86,7 @@ def _wrap_upload(original):
 
 def register() -> None:
     """Register MoDE with PEFT; safe to call more than once."""
+    check_peft_version(peft.__version__)
     registered = PEFT_TYPE_TO_CONFIG_MAPPING.get(MODE_PEFT_TYPE)
     if registered is None:
         register_peft_method(name="mode", config_cls=MoDEConfig, model_cls=MoDEModel, prefix="mode_")
