@@ -5,6 +5,7 @@
 loads saved MoDE adapters.
 """
 
+from .training.callback import RouterStatsCallback
 from .tuner import MODE_PEFT_TYPE, MoDEConfig, MoDELayer, MoDELinear, MoDEMergeError, MoDEModel
 
 __version__ = "0.1.0"
@@ -16,5 +17,6 @@ __all__ = [
     "MoDELinear",
     "MoDEMergeError",
     "MoDEModel",
+    "RouterStatsCallback",
     "__version__",
 ]

@@ -1,0 +1,1 @@
+"""Comparison of LoRA, MoLoRA, MoLoRA-SD and MoDE at matched parameter budgets."""
