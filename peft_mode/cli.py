@@ -90,7 +90,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .data.tokenization import PromptTokenizer
     from .evaluation import evaluate_model, results_table, write_results
-    from .models import load_model_and_tokenizer
+    from .models import load_model_and_tokenizer, resolve_bf16
     from .training.run import eval_instances, load_splits, load_trained_adapter, resolve_sni_dir
 
     overrides = list(args.overrides)
@@ -123,6 +123,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         eval_instances(splits, config.evaluation.max_instances_per_task),
         batch_size=config.evaluation.batch_size,
         max_new_tokens=config.evaluation.max_new_tokens,
+        bf16=resolve_bf16(config.evaluation.bf16),
     )
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     written = write_results(results, output_dir, args.name, baseline)

@@ -53,10 +53,12 @@ def generate_predictions(
     batch_size: int = 16,
     max_new_tokens: int = 128,
     show_progress: bool = True,
+    bf16: bool = False,
 ) -> list[str]:
     """Generate greedily for each instance's prompt; return the decoded continuations in input order.
 
-    Prompts are sorted by length and left-padded so each batch wastes little compute.
+    Prompts are sorted by length and left-padded so each batch wastes little compute. With
+    ``bf16`` the forward passes run under bfloat16 autocast.
     """
     device = next(model.parameters()).device
     prompts = [prompt_tokenizer.prompt_ids(item.definition, item.input) for item in instances]
@@ -75,15 +77,16 @@ def generate_predictions(
                 ids = prompts[index]
                 input_ids[row, longest - len(ids) :] = torch.tensor(ids)
                 attention_mask[row, longest - len(ids) :] = 1
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                output = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=pad_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
             for row, index in enumerate(batch):
                 predictions[index] = tokenizer.decode(output[row, longest:], skip_special_tokens=True).strip()
     finally:
@@ -129,10 +132,11 @@ def evaluate_model(
     batch_size: int = 16,
     max_new_tokens: int = 128,
     show_progress: bool = True,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Generate for every instance and score the predictions; see `score_predictions`."""
     predictions = generate_predictions(
-        model, tokenizer, prompt_tokenizer, instances, batch_size, max_new_tokens, show_progress
+        model, tokenizer, prompt_tokenizer, instances, batch_size, max_new_tokens, show_progress, bf16
     )
     return score_predictions(instances, predictions)
 

@@ -71,6 +71,7 @@ class TrainingSettings:
     group_by_length: bool = True
     gradient_checkpointing: bool = False
     target_only_logits: bool = True
+    bf16: Union[bool, str] = "auto"
     report_to: list[str] = field(default_factory=list)
     dataloader_num_workers: int = 0
 
@@ -83,6 +84,7 @@ class EvaluationSettings:
     max_new_tokens: int = 128
     batch_size: int = 16
     max_instances_per_task: Optional[int] = None
+    bf16: Union[bool, str] = "auto"
 
 
 @dataclass
@@ -226,6 +228,9 @@ def validate(config: ExperimentConfig) -> None:
         validate_prompt_template(data.prompt_template)
     except ValueError as error:
         raise ConfigError(f"data.{error}") from error
+    for section in ("training", "evaluation"):
+        value = getattr(config, section).bf16
+        _require(value in (True, False, "auto"), f"{section}.bf16 must be true, false or auto, got {value!r}.")
     _require(training.max_steps >= 1, f"training.max_steps must be at least 1, got {training.max_steps}.")
     _require(training.learning_rate > 0, f"training.learning_rate must be positive, got {training.learning_rate}.")
     _require(

@@ -120,6 +120,22 @@ def ensure_smollm2(wheel: Optional[Path] = None) -> Path:
     return target
 
 
+def native_bf16_available() -> bool:
+    """Return whether the device computes bfloat16 natively (CUDA with bf16, or a CPU with AVX512-BF16 or AMX)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    # NOTE: private torch.cpu helpers (present in torch 2.1 to 2.13); a missing helper counts as unsupported.
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_bf16(setting) -> bool:
+    """Turn a bf16 setting (True, False or "auto") into a decision; "auto" uses `native_bf16_available`."""
+    if setting == "auto":
+        return native_bf16_available()
+    return bool(setting)
+
+
 def resolve_model_source(model: str) -> str:
     """Map the model name of a config to something `from_pretrained` reads."""
     if model.lower() == SMOLLM2_NAME:

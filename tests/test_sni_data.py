@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from peft_mode.data import (
 )
 from peft_mode.data.sni import instances_to_dataset, resolve_task_names, split_task
 
-SHARED_SUBSET = "../shared/data/natural-instructions-subset"
+SHARED_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "natural-instructions-subset"
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from ..data.sni import SNISplits, instances_to_dataset, load_sni_splits
 from ..data.tokenization import CausalLMCollator, PromptTokenizer, tokenize_for_training
 from ..evaluation import evaluate_model, write_results
 from ..experiment import AdapterSettings, ConfigError, ExperimentConfig
-from ..models import load_model_and_tokenizer
+from ..models import load_model_and_tokenizer, resolve_bf16
 from ..tuner import MoDEConfig
 from .callback import RouterStatsCallback
 from .trainer import TargetLogitsTrainer
@@ -138,6 +138,7 @@ def build_training_arguments(config: ExperimentConfig, output_dir: Path) -> Trai
         dataloader_num_workers=training.dataloader_num_workers,
         remove_unused_columns=True,
         use_cpu=not torch.cuda.is_available(),
+        bf16=resolve_bf16(training.bf16),
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
@@ -216,6 +217,7 @@ def run_experiment(
                 eval_instances(splits, config.evaluation.max_instances_per_task),
                 batch_size=config.evaluation.batch_size,
                 max_new_tokens=config.evaluation.max_new_tokens,
+                bf16=resolve_bf16(config.evaluation.bf16),
             )
             write_results(eval_results, output_dir)
         (output_dir / "run.json").write_text(
@@ -226,6 +228,7 @@ def run_experiment(
                     "trainable_parameters": trainable,
                     "total_parameters": total,
                     "world_size": trainer.args.world_size,
+                    "bf16": trainer.args.bf16,
                     "hardware": hardware_description(),
                     "overall_rougeL": eval_results["overall"] if eval_results else None,
                 },
