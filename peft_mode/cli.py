@@ -1,4 +1,4 @@
-"""Command line: ``peft-mode train``, ``evaluate``, ``compare``, ``budget`` and ``fetch-model``."""
+"""Command line: ``peft-mode train``, ``evaluate``, ``compare``, ``compare-report``, ``budget``, ``fetch-model``."""
 
 from __future__ import annotations
 

@@ -204,12 +204,14 @@ def run_experiment(
     train_seconds = time.perf_counter() - started
 
     eval_results = None
+    eval_seconds = 0.0
     if trainer.is_world_process_zero():
         peft_model.save_pretrained(output_dir)
         with open(output_dir / "trainer_log.jsonl", "w") as handle:
             for record in trainer.state.log_history:
                 handle.write(json.dumps(record) + "\n")
         if config.evaluation.enabled:
+            eval_started = time.perf_counter()
             eval_results = evaluate_model(
                 peft_model,
                 tokenizer,
@@ -219,11 +221,13 @@ def run_experiment(
                 max_new_tokens=config.evaluation.max_new_tokens,
                 bf16=resolve_bf16(config.evaluation.bf16),
             )
+            eval_seconds = time.perf_counter() - eval_started
             write_results(eval_results, output_dir)
         (output_dir / "run.json").write_text(
             json.dumps(
                 {
                     "train_seconds": train_seconds,
+                    "eval_seconds": eval_seconds,
                     "steps": trainer.state.global_step,
                     "trainable_parameters": trainable,
                     "total_parameters": total,

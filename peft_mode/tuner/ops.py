@@ -14,8 +14,8 @@ LoRA of equal parameter count:
    of all experts arranged slot-major, ``up[q, (k, i, j)] = B[i, q, k*p + j]``.
 
 No per-expert output (N x Q for each expert) is ever formed. Training uses a custom
-autograd function that saves only x, h and the routing weights and recomputes ``mixed``
-in the backward pass.
+autograd function that saves only h and the routing weights (besides the input and the
+parameters) and recomputes ``mixed`` in the backward pass.
 """
 
 from __future__ import annotations
@@ -89,7 +89,13 @@ def _mix(
 
 
 class _FusedMoDEUpdate(torch.autograd.Function):
-    """MoDE update with a hand-written backward that saves x, h and the routing weights only."""
+    """MoDE update with a hand-written backward.
+
+    Saves one (N, D + S*m) tensor per call: the down-projection h (D columns) and, written
+    over the router logits, the routing weights. The mixed activations are recomputed in
+    the backward pass, and the rearranged weights are rebuilt from the parameters, so
+    the activation memory is close to that of a LoRA of equal size.
+    """
 
     @staticmethod
     def forward(ctx, x, down_weight, router_weight, up_weight, expert_rank, scaling, shared):
@@ -102,42 +108,44 @@ class _FusedMoDEUpdate(torch.autograd.Function):
         fused_weight = torch.cat([arrange_down_weight(down_weight, num_experts, expert_rank, shared), router_weight])
         projected = x @ fused_weight.t()
         down_projection = projected[:, :down_rows]
-        router_logits = projected[:, down_rows:].view(tokens, slots, num_experts)
 
-        # Route: one softmax over the experts per slot.
-        routing_weights = torch.softmax(router_logits, dim=-1)
+        # Route: one softmax over the experts per slot, stored over the logits.
+        routing_view = projected[:, down_rows:].view(tokens, slots, num_experts)
+        routing_weights = torch.softmax(routing_view, dim=-1)
+        routing_view.copy_(routing_weights)
 
         # Mix and project up.
-        up_matrix = arrange_up_weight(up_weight, expert_rank)
         mixed = _mix(routing_weights, down_projection, shared, expert_rank)
         if scaling != 1.0:
             mixed = mixed * scaling
-        update = mixed @ up_matrix.t()
+        update = mixed @ arrange_up_weight(up_weight, expert_rank).t()
 
-        ctx.save_for_backward(x, fused_weight, up_matrix, down_projection, routing_weights)
+        ctx.save_for_backward(x, down_weight, router_weight, up_weight, projected)
         ctx.expert_rank = expert_rank
         ctx.scaling = scaling
         ctx.shared = shared
-        ctx.shapes = (down_weight.shape, up_weight.shape)
         ctx.mark_non_differentiable(routing_weights)
         return update, routing_weights
 
     @staticmethod
     def backward(ctx, grad_update, _grad_routing):
-        x, fused_weight, up_matrix, down_projection, routing_weights = ctx.saved_tensors
+        x, down_weight, router_weight, up_weight, projected = ctx.saved_tensors
         expert_rank, scaling, shared = ctx.expert_rank, ctx.scaling, ctx.shared
-        down_shape, up_shape = ctx.shapes
-        num_experts, out_features, rank = up_shape
-        tokens, slots, _ = routing_weights.shape
+        num_experts, out_features, rank = up_weight.shape
+        down_rows = down_weight.shape[0]
+        tokens = x.shape[0]
+        slots = router_weight.shape[0] // num_experts
         grad_update = grad_update.reshape(tokens, out_features)
+        down_projection = projected[:, :down_rows]
+        routing_weights = projected[:, down_rows:].view(tokens, slots, num_experts)
+        up_matrix = arrange_up_weight(up_weight, expert_rank)
 
         # Up-projection: recompute the mixed activations instead of storing them.
         mixed = _mix(routing_weights, down_projection, shared, expert_rank)
         grad_up_matrix = grad_update.t() @ mixed
-        if scaling != 1.0:
-            grad_up_matrix = grad_up_matrix * scaling
         grad_mixed = grad_update @ up_matrix
         if scaling != 1.0:
+            grad_up_matrix = grad_up_matrix * scaling
             grad_mixed = grad_mixed * scaling
         grad_mixed = grad_mixed.view(tokens, slots, num_experts, expert_rank)
 
@@ -152,26 +160,25 @@ class _FusedMoDEUpdate(torch.autograd.Function):
         grad_routing = (grad_mixed * per_slot).sum(dim=-1)
 
         # Softmax backward: dL/dz = R * (dL/dR - sum_i R_i dL/dR_i).
-        grad_logits = routing_weights * (grad_routing - (grad_routing * routing_weights).sum(-1, keepdim=True))
+        grad_logits = torch.ops.aten._softmax_backward_data(grad_routing, routing_weights, -1, routing_weights.dtype)
 
         # Down-projection and router share one matrix product again.
         grad_projected = torch.cat(
-            [grad_down_projection.reshape(tokens, -1), grad_logits.reshape(tokens, slots * num_experts)], dim=1
+            [grad_down_projection.reshape(tokens, down_rows), grad_logits.reshape(tokens, slots * num_experts)], dim=1
         )
+        fused_weight = torch.cat([arrange_down_weight(down_weight, num_experts, expert_rank, shared), router_weight])
         grad_x = grad_projected @ fused_weight if ctx.needs_input_grad[0] else None
         grad_fused_weight = grad_projected.t() @ x
 
-        down_rows = down_shape[0]
         grad_down = grad_fused_weight[:down_rows]
         if not shared:
             # Undo the slot-major row order: row (k*m + i)*p + j goes back to i*r + k*p + j.
             in_features = grad_down.shape[1]
-            grad_down = (
-                grad_down.view(slots, num_experts, expert_rank, in_features).transpose(0, 1).reshape(down_shape)
-            )
+            grad_down = grad_down.view(slots, num_experts, expert_rank, in_features).transpose(0, 1)
+            grad_down = grad_down.reshape(down_weight.shape)
         grad_router = grad_fused_weight[down_rows:]
         grad_up = grad_up_matrix.view(out_features, slots, num_experts, expert_rank).permute(2, 0, 1, 3)
-        grad_up = grad_up.reshape(up_shape)
+        grad_up = grad_up.reshape(up_weight.shape)
         return grad_x, grad_down, grad_router, grad_up, None, None, None
 
 
