@@ -141,12 +141,19 @@ def evaluate_model(
     return score_predictions(instances, predictions)
 
 
-def results_table(results: dict[str, Any], baseline: Optional[dict[str, Any]] = None) -> str:
-    """Format per-task and overall ROUGE-L as a Markdown table, with a baseline column if given."""
+def results_table(
+    results: dict[str, Any],
+    baseline: Optional[dict[str, Any]] = None,
+    labels: tuple[str, str] = ("baseline", "this run"),
+) -> str:
+    """Format per-task and overall ROUGE-L as a Markdown table, with a baseline column if given.
+
+    ``labels`` name the baseline and the scored columns.
+    """
     header = "| task | eval instances | ROUGE-L |"
     rule = "| --- | --- | --- |"
     if baseline is not None:
-        header = "| task | eval instances | untuned ROUGE-L | tuned ROUGE-L | change |"
+        header = f"| task | eval instances | {labels[0]} ROUGE-L | {labels[1]} ROUGE-L | change |"
         rule = "| --- | --- | --- | --- | --- |"
     lines = [header, rule]
 

@@ -85,7 +85,7 @@ def test_evaluate_untuned_with_baseline(trained_run, workspace):
                  "--baseline", str(trained_run / "eval.json")])
 
     assert code == 0
-    assert "change" in (output_dir / "eval.md").read_text()
+    assert "| task | eval instances | baseline ROUGE-L | this run ROUGE-L | change |" in (output_dir / "eval.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,9 @@ def test_scores_aggregate_per_task_and_overall():
     assert results["task_mean"] == pytest.approx((50 + 75) / 2)
     assert results["counts"] == {"t1": 2, "t2": 1}
     assert results["instances"][2]["prediction"] == "a b x d"
-    table = results_table(results, baseline={"per_task": {"t1": 10.0, "t2": 20.0}, "overall": 15.0, "task_mean": 15.0})
+    baseline = {"per_task": {"t1": 10.0, "t2": 20.0}, "overall": 15.0, "task_mean": 15.0}
+    table = results_table(results, baseline, labels=("untuned", "tuned"))
+    assert "| task | eval instances | untuned ROUGE-L | tuned ROUGE-L | change |" in table
     assert "| t1 | 2 | 10.00 | 50.00 | +40.00 |" in table
 
 

@@ -150,17 +150,25 @@ class _FusedMoDEUpdate(torch.autograd.Function):
         grad_mixed = grad_mixed.view(tokens, slots, num_experts, expert_rank)
 
         # Mixing: mixed[n, k, i, j] = R[n, k, i] * h[n, k, (i,) j].
-        routing = routing_weights.unsqueeze(-1)
-        if shared:
-            per_slot = down_projection.reshape(tokens, slots, 1, expert_rank)
-            grad_down_projection = (grad_mixed * routing).sum(dim=2)
+        if shared and expert_rank == 1:
+            # Dyadic case: with g = dL/dmixed, dL/dh = sum_i g_i R_i, and the softmax backward
+            # R_i (h g_i - sum_l R_l h g_l) simplifies to mixed_i (g_i - dL/dh).
+            grad_mixed = grad_mixed.view(tokens, slots, num_experts)
+            grad_down_projection = (grad_mixed * routing_weights).sum(dim=-1)
+            grad_logits = (grad_mixed - grad_down_projection.unsqueeze(-1)) * mixed.view(tokens, slots, num_experts)
         else:
-            per_slot = down_projection.reshape(tokens, slots, num_experts, expert_rank)
-            grad_down_projection = grad_mixed * routing
-        grad_routing = (grad_mixed * per_slot).sum(dim=-1)
-
-        # Softmax backward: dL/dz = R * (dL/dR - sum_i R_i dL/dR_i).
-        grad_logits = torch.ops.aten._softmax_backward_data(grad_routing, routing_weights, -1, routing_weights.dtype)
+            routing = routing_weights.unsqueeze(-1)
+            if shared:
+                per_slot = down_projection.reshape(tokens, slots, 1, expert_rank)
+                grad_down_projection = (grad_mixed * routing).sum(dim=2)
+            else:
+                per_slot = down_projection.reshape(tokens, slots, num_experts, expert_rank)
+                grad_down_projection = grad_mixed * routing
+            grad_routing = (grad_mixed * per_slot).sum(dim=-1)
+            # Softmax backward: dL/dz = R * (dL/dR - sum_i R_i dL/dR_i).
+            grad_logits = torch.ops.aten._softmax_backward_data(
+                grad_routing, routing_weights, -1, routing_weights.dtype
+            )
 
         # Down-projection and router share one matrix product again.
         grad_projected = torch.cat(
