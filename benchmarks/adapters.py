@@ -71,8 +71,13 @@ class LoopMoDE(nn.Module):
                 projection = shared_projection
             else:
                 projection = x @ self.down[expert * self.rank : (expert + 1) * self.rank].t()
-            gate = routing[..., expert].repeat_interleave(self.expert_rank, dim=-1)
-            output = output + (projection * gate) @ self.up[expert].t()
+            if slots == 1:
+                # One slot (MoLoRA, MoLoRA-SD): weight the expert's full output, as those code bases do.
+                output = output + routing[..., 0, expert : expert + 1] * (projection @ self.up[expert].t())
+            else:
+                # Several slots: each slot's columns of the projection get that slot's weight.
+                gate = routing[..., expert].repeat_interleave(self.expert_rank, dim=-1)
+                output = output + (projection * gate) @ self.up[expert].t()
         return output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
