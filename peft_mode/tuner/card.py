@@ -34,7 +34,7 @@ def _settings_table(mode_configs: dict[str, MoDEConfig]) -> list[str]:
 def mode_card_section(
     mode_configs: dict[str, MoDEConfig], repo_id: Optional[str], base_model: Optional[str]
 ) -> str:
-    """Return the Markdown section that says how to load the adapter and lists its MoDE settings."""
+    """Return the Markdown section with loading instructions and the MoDE settings of each adapter."""
     adapter_source = repo_id or "path/to/this/adapter"
     base_source = base_model or "<base model id>"
     load_lines = [

@@ -15,8 +15,6 @@ from transformers.pytorch_utils import Conv1D
 from .config import MoDEConfig
 from .ops import mode_update
 
-SUPPORTED_LAYER_TYPES = (nn.Linear, Conv1D)
-
 # Called as observer(layer, adapter_name, routing_weights) with (N, S, m) routing weights.
 RoutingObserver = Callable[["MoDELayer", str, torch.Tensor], None]
 
@@ -154,12 +152,6 @@ class MoDELayer(BaseTunerLayer):
         else:
             delta = up_weight @ down_weight
         return delta * self.scaling[adapter_name]
-
-    def set_scale(self, adapter_name: str, scale: float) -> None:
-        """Set the update scaling of ``adapter_name`` to ``scale``."""
-        if adapter_name not in self.scaling:
-            raise ValueError(f"Adapter '{adapter_name}' not found in this layer; available: {sorted(self.scaling)}.")
-        self.scaling[adapter_name] = scale
 
 
 class MoDELinear(nn.Module, MoDELayer):

@@ -6,8 +6,8 @@ Running `register()` (done by ``import peft_mode``) makes "MODE" a PEFT method:
 - registers `MoDEConfig` and `MoDEModel` with `peft.utils.register_peft_method`, which
   `get_peft_model`, `PeftModel.from_pretrained`, `PeftConfig.from_pretrained` and the
   ``AutoPeftModel`` classes read;
-- makes `PeftModel.save_pretrained` and `PeftModel.push_to_hub` write a model card that
-  says how to load a MoDE adapter.
+- makes `PeftModel.save_pretrained` and `PeftModel.push_to_hub` write a model card with
+  the steps to load a MoDE adapter.
 
 Calling it again does nothing.
 """
