@@ -30,7 +30,11 @@ VARIANTS = {
              "training.target_only_logits": True},
     "mode_full_logits": {"adapter.method": "mode", "adapter.r": 8, "adapter.num_experts": 4, "adapter.expert_rank": 1,
                          "training.target_only_logits": False},
+    "mode_router_stats": {"adapter.method": "mode", "adapter.r": 8, "adapter.num_experts": 4, "adapter.expert_rank": 1,
+                          "training.target_only_logits": True},
 }
+# Variants that train with RouterStatsCallback attached (per-layer detail, logged every step).
+WITH_ROUTER_STATS = {"mode_router_stats"}
 TASKS = ["task024_cosmosqa_answer_generation", "task155_count_nouns_verbs", "task279_stereoset_classification_stereotype",
          "task622_replace_alphabets_in_a_list_by_their_position_in_english_alphabet"]
 
@@ -46,12 +50,15 @@ def measure(variant: str, sni_dir: str, steps: int, warmup: int, bf16: bool, bat
     from peft_mode.experiment import apply_overrides, config_from_dict
     from peft_mode.models import load_model_and_tokenizer
     from peft_mode.training.run import adapter_config, build_training_arguments, load_splits
+    from peft_mode.training.callback import RouterStatsCallback
     from peft_mode.training.trainer import TargetLogitsTrainer
     from peft import get_peft_model
 
     overrides = [f"{key}={value}" for key, value in VARIANTS[variant].items()]
+    logging_steps = 1 if variant in WITH_ROUTER_STATS else 1000
     overrides += [f"training.max_steps={steps}", f"training.per_device_train_batch_size={batch_size}",
-                  f"training.bf16={str(bf16).lower()}", "training.logging_steps=1000", "training.group_by_length=false",
+                  f"training.bf16={str(bf16).lower()}", f"training.logging_steps={logging_steps}",
+                  "training.group_by_length=false",
                   f"data.sni_dir={sni_dir}", f"data.tasks=[{', '.join(TASKS)}]", "data.instances_per_task=60"]
     config = config_from_dict(apply_overrides({}, overrides))
     splits = load_splits(config)
@@ -81,15 +88,21 @@ def measure(variant: str, sni_dir: str, steps: int, warmup: int, bf16: bool, bat
             return batch
 
     timer = StepTimer()
+    callbacks = [timer]
+    if variant in WITH_ROUTER_STATS:
+        callbacks.append(RouterStatsCallback(detail="layer"))
     collator = CountingCollator(tokenizer.pad_token_id)
     arguments = build_training_arguments(config, Path(os.environ.get("TMPDIR", "/tmp")) / f"e2e-{variant}")
     arguments.disable_tqdm = True
+    arguments.report_to = []
     trainer = TargetLogitsTrainer(model=peft_model, args=arguments, train_dataset=dataset, data_collator=collator,
-                                  callbacks=[timer], target_only_logits=config.training.target_only_logits)
+                                  callbacks=callbacks, target_only_logits=config.training.target_only_logits)
     trainer.train()
 
+    # Wall time from the first measured step to the last step's end, so work between steps
+    # (logging, callbacks) counts too.
     measured = range(warmup, steps)
-    seconds = sum(timer.ends[step] - timer.starts[step] for step in measured)
+    seconds = timer.ends[steps - 1] - timer.starts[warmup]
     tokens = sum(CountingCollator.tokens[step] for step in measured)
     return {
         "variant": variant,
@@ -106,10 +119,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sni-dir", required=True)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=14, help="optimiser steps per measurement")
-    parser.add_argument("--warmup", type=int, default=4, help="steps left out of the figures")
+    parser.add_argument("--steps", type=int, default=12, help="optimiser steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out of the figures")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="subprocesses per variant and precision")
+    parser.add_argument("--repeats", type=int, default=2, help="subprocesses per variant and precision")
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     parser.add_argument("--output", required=True, help="JSON file for the results")
     parser.add_argument("--device-note", default="", help="description of the machine for the report")

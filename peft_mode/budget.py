@@ -87,7 +87,7 @@ def total_parameter_count(shapes: Iterable[tuple[str, int, int]], method: str, r
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One adapter configuration of the comparison grid and its parameter count."""
+    """Adapter configuration proposed for a budget, with its parameter count."""
 
     method: str
     r: int

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataSettings:
-    """Which SNI tasks to use and how to turn them into examples."""
+    """Settings of the SNI task selection, the train/eval split and the prompts."""
 
     sni_dir: Optional[str] = None
     tasks: Union[list[str], str] = "split:splits/default/train_tasks.txt"
@@ -207,7 +207,12 @@ def _require(condition: bool, message: str) -> None:
 
 def validate(config: ExperimentConfig) -> None:
     """Check value ranges that would otherwise fail deep inside a run."""
-    adapter, data, training = config.adapter, config.data, config.training
+    _validate_adapter(config.adapter)
+    _validate_data(config.data)
+    _validate_run(config)
+
+
+def _validate_adapter(adapter: AdapterSettings) -> None:
     _require(adapter.method in ADAPTER_METHODS, f"adapter.method must be one of {ADAPTER_METHODS}, got {adapter.method!r}.")
     for key in ("r", "num_experts", "expert_rank"):
         value = getattr(adapter, key)
@@ -216,6 +221,9 @@ def validate(config: ExperimentConfig) -> None:
         adapter.method != "mode" or adapter.r % adapter.expert_rank == 0,
         f"adapter.expert_rank={adapter.expert_rank} must divide adapter.r={adapter.r}.",
     )
+
+
+def _validate_data(data: DataSettings) -> None:
     _require(0 < data.eval_fraction < 1, f"data.eval_fraction must be between 0 and 1, got {data.eval_fraction}.")
     _require(isinstance(data.tasks, (list, str)), f"data.tasks must be a list of task names or 'split:<file>', got {data.tasks!r}.")
     _require(
@@ -228,6 +236,10 @@ def validate(config: ExperimentConfig) -> None:
         validate_prompt_template(data.prompt_template)
     except ValueError as error:
         raise ConfigError(f"data.{error}") from error
+
+
+def _validate_run(config: ExperimentConfig) -> None:
+    training = config.training
     for section in ("training", "evaluation"):
         value = getattr(config, section).bf16
         _require(value in (True, False, "auto"), f"{section}.bf16 must be true, false or auto, got {value!r}.")

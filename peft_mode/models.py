@@ -34,7 +34,7 @@ _COMPLETE_MARKER = "peft-mode-cache.json"
 
 
 class ModelLoadError(RuntimeError):
-    """Raised when a base model cannot be found, fetched or read; the message says how to fix it."""
+    """Raised when a base model cannot be found, fetched or read. The message names the fix."""
 
 
 def cache_root() -> Path:
@@ -155,7 +155,7 @@ def load_model_and_tokenizer(
         dtype: weights dtype.
 
     Raises:
-        ModelLoadError: the model cannot be found or read; the message says what to do.
+        ModelLoadError: the model cannot be found or read. The message names the fix.
     """
     source = resolve_model_source(model)
     # Hub ids have the form "name" or "owner/name"; anything else that does not exist is a missing folder.

@@ -12,9 +12,9 @@ A comparison config is an experiment config (see `peft_mode.experiment`) plus a
 
 Each (adapter, seed) run goes to ``<output>/runs/<name>/seed-<seed>/`` and is complete
 when its ``run.json`` and ``eval.json`` exist. ``<output>/comparison.json`` records a
-fingerprint of the settings that determine the results; a later call with the same
-output folder skips complete runs, repeats incomplete ones from the start, and refuses
-to continue if the settings changed, so results of different configs never mix.
+fingerprint of the settings that determine the results. A later call with the same
+output folder skips complete runs and repeats incomplete ones from the start. It raises
+an error if the settings changed, so results of different configs never mix.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ RunFunction = Callable[[ExperimentConfig, Path], Any]
 
 @dataclass
 class GridStatus:
-    """What `run_grid` did."""
+    """Runs that `run_grid` completed and skipped, as (adapter name, seed) pairs."""
 
     completed: list[tuple[str, int]] = field(default_factory=list)
     skipped: list[tuple[str, int]] = field(default_factory=list)
@@ -199,14 +199,14 @@ def _check_manifest(output_dir: Path, comparison: ComparisonConfig) -> dict[str,
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("fingerprint") != fingerprint:
             raise ConfigError(
-                f"{output_dir} holds a comparison with different settings (fingerprint {manifest.get('fingerprint')}, "
+                f"{output_dir} contains a comparison with different settings (fingerprint {manifest.get('fingerprint')}, "
                 f"now {fingerprint}). Use a new --output-dir, or delete {output_dir} to start over."
             )
         for name, settings in adapters.items():
             previous = manifest.get("adapters", {}).get(name)
             if previous is not None and previous != settings:
                 raise ConfigError(
-                    f"Adapter {name!r} in {output_dir} was run with {previous}, but the config now says {settings}. "
+                    f"Adapter {name!r} in {output_dir} was run with {previous}, but the config now sets {settings}. "
                     "Give the changed adapter a new name or use a new --output-dir."
                 )
         manifest["adapters"] = {**manifest.get("adapters", {}), **adapters}

@@ -3,8 +3,8 @@
 Inputs are the run folders written by `run_grid`; nothing is recomputed from models.
 Definitions used in the report:
 
-- overall ROUGE-L of a run: mean over all eval instances; a method's score is the mean
-  over seeds, its spread the sample standard deviation and the range over seeds;
+- overall ROUGE-L of a run: the mean over all eval instances. A method's score is the
+  mean over seeds, and its spread is the sample standard deviation and the range over seeds;
 - per-task win rate of A over B: the share of tasks on which A's seed-mean ROUGE-L is
   higher than B's, ties counting one half;
 - significance: a two-sided Wilcoxon signed-rank test on the per-task differences, and a
@@ -148,7 +148,12 @@ def best_of_each_method(results: list[MethodResult]) -> dict[str, MethodResult]:
 
 
 def paper_order_statement(results: list[MethodResult]) -> list[str]:
-    """Plain sentences on whether the run reproduces the paper's order and whether gaps exceed the seed spread."""
+    """Return sentences that compare the method order with the MoDE paper's case study and the gaps with the seed spread.
+
+    The paper's figures (Gemma 2B, 15 SNI tasks, mixed-task training) are ROUGE-L 57.07 for
+    LoRA, 61.93 for MoLoRA, 62.42 for MoLoRA-SD and 63.39 for MoDE (Ning et al., 2025,
+    https://arxiv.org/abs/2408.01505).
+    """
     best = best_of_each_method(results)
     present = [method for method in PAPER_ORDER if method in best]
     observed = sorted(present, key=lambda method: best[method].mean)

@@ -36,8 +36,8 @@ class PromptTokenizer:
 
     The prompt is ``template`` with the task definition and the instance input filled in.
     Each literal part of the template, the definition and the input are tokenised separately
-    and concatenated, so truncation can be exact: when the prompt exceeds
-    ``max_source_length`` tokens the definition is shortened first (keeping its start, down
+    and concatenated, so truncation can be exact. When the prompt exceeds
+    ``max_source_length`` tokens, the definition is shortened first (keeping its start, down
     to 16 tokens), then the input (keeping its end, where SNI inputs put the question).
     The target is the reference followed by the end-of-sequence token, at most
     ``max_target_length`` tokens.

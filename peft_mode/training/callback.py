@@ -121,9 +121,9 @@ def write_task_usage(
 class RouterStatsCallback(TrainerCallback):
     """Adds routing statistics of MoDE adapters to the Trainer's logs.
 
-    At every logging step it adds, over the non-padding training tokens since the previous
-    log, the mean routing weight of each expert, the routing entropy and the coefficient
-    of variation of the expert load, per MoDE layer and overall (see
+    At every logging step it adds figures over the non-padding training tokens since the
+    previous log: the mean routing weight of each expert, the routing entropy and the
+    coefficient of variation of the expert load, per MoDE layer and overall (see
     `peft_mode.training.router_stats`). The entries go into the same log record as the
     loss, so they reach the console, ``state.log_history`` and the reporting integrations
     (TensorBoard, W&B, ...). Complete records, per slot included, are appended to

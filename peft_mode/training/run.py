@@ -150,7 +150,7 @@ def run_experiment(
     model: Optional[PreTrainedModel] = None,
     tokenizer=None,
 ) -> RunResult:
-    """Train an adapter as ``config`` says, save it to ``output_dir`` and evaluate it.
+    """Train the adapter that ``config`` describes, save it to ``output_dir`` and evaluate it.
 
     Args:
         config: the settings; ``config.data.sni_dir`` must be set.

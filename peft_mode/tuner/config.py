@@ -66,7 +66,7 @@ class MoDEConfig(PeftConfig):
         alpha (`float`, *optional*): The update is scaled by ``alpha / r``. None, the
             default, means ``alpha = r``, so the update is unscaled as in the paper.
         dropout (`float`): Dropout probability on the input of the down-projection. The
-            router always sees the input without dropout. Default 0.0.
+            router always gets the input without dropout. Default 0.0.
         target_modules (`list[str]` or `str`, *optional*): Module names (suffix match) or a
             regular expression (full match) of the layers to adapt, or ``"all-linear"``.
             None picks the attention projections of known architectures
