@@ -223,8 +223,26 @@ def test_report_states_overlapping_spread_and_other_order(tmp_path):
 def test_write_report_files(tmp_path):
     write_fake_grid(tmp_path / "grid", FAKE)
 
-    written = write_report(tmp_path / "grid", tmp_path / "docs", command="peft-mode compare --config x")
+    written = write_report(tmp_path / "grid", tmp_path / "docs", command="peft-mode compare --config x",
+                           notes="Setup: three fake tasks.")
 
-    assert written["markdown"].read_text().startswith("# LoRA, MoLoRA, MoLoRA-SD and MoDE")
+    text = written["markdown"].read_text()
+    assert text.startswith("# LoRA, MoLoRA, MoLoRA-SD and MoDE at matched parameter budgets\n\nSetup: three fake tasks.\n")
+    assert "Command: `peft-mode compare --config x`" in text
     assert json.loads(written["json"].read_text())["command"] == "peft-mode compare --config x"
     assert written["per_task_plot"].stat().st_size > 1000
+
+
+def test_compare_report_command(tmp_path, capsys):
+    write_fake_grid(tmp_path / "grid", FAKE)
+    notes = tmp_path / "notes.md"
+    notes.write_text("Caveat: fake numbers.")
+
+    missing = main(["compare-report", "--output-dir", str(tmp_path / "grid"), "--notes", str(tmp_path / "none.md")])
+    written = main(["compare-report", "--output-dir", str(tmp_path / "grid"), "--report-dir", str(tmp_path / "docs"),
+                    "--notes", str(notes)])
+
+    assert missing == 2
+    assert f"Notes file {tmp_path / 'none.md'} does not exist" in capsys.readouterr().err
+    assert written == 0
+    assert "Caveat: fake numbers." in (tmp_path / "docs" / "results.md").read_text()

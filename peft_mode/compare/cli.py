@@ -20,6 +20,7 @@ def add_compare_commands(commands) -> None:
     compare.add_argument("--output-dir", required=True, help="Folder of the grid; reuse it to resume.")
     compare.add_argument("--report-dir", help="Where to write results.md, results.json and figures (default: output dir).")
     compare.add_argument("--model", help="Base model instead of the config's.")
+    compare.add_argument("--notes", help="Markdown file whose text goes under the report's title.")
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="Override a shared experiment value (repeatable).")
     compare.set_defaults(handler=_compare)
@@ -28,6 +29,7 @@ def add_compare_commands(commands) -> None:
     report.add_argument("--output-dir", required=True, help="Folder of the grid.")
     report.add_argument("--report-dir", help="Where to write the report (default: output dir).")
     report.add_argument("--command", default="", help="Command line to quote in the report.")
+    report.add_argument("--notes", help="Markdown file whose text goes under the report's title.")
     report.set_defaults(handler=_report)
 
     budget = commands.add_parser("budget", help="Propose LoRA, MoLoRA, MoLoRA-SD and MoDE sizes for a parameter budget.")
@@ -78,15 +80,26 @@ def _compare(args: argparse.Namespace) -> int:
     status = run_grid(comparison, args.output_dir, run_one)
     print(f"Ran {len(status.completed)} runs, skipped {len(status.skipped)} complete ones.")
     command = "peft-mode " + " ".join(shlex.quote(argument) for argument in sys.argv[1:])
-    written = write_report(args.output_dir, args.report_dir or args.output_dir, command, _hardware_text())
+    written = write_report(args.output_dir, args.report_dir or args.output_dir, command, _hardware_text(),
+                           notes=_read_notes(args.notes))
     print(f"Report written to {written['markdown']}")
     return 0
+
+
+def _read_notes(path) -> str:
+    if path is None:
+        return ""
+    notes = Path(path)
+    if not notes.is_file():
+        raise ConfigError(f"Notes file {notes} does not exist.")
+    return notes.read_text()
 
 
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    written = write_report(args.output_dir, args.report_dir or args.output_dir, args.command, _hardware_text())
+    written = write_report(args.output_dir, args.report_dir or args.output_dir, args.command, _hardware_text(),
+                           notes=_read_notes(args.notes))
     print(f"Report written to {written['markdown']}")
     return 0
 

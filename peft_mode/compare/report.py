@@ -246,12 +246,19 @@ def write_report(
     hardware: str = "",
     title: str = "LoRA, MoLoRA, MoLoRA-SD and MoDE at matched parameter budgets",
     name: str = "results",
+    notes: str = "",
 ) -> dict[str, Path]:
-    """Write ``<name>.md``, ``<name>.json`` and figures for the comparison in ``output_dir``."""
+    """Write ``<name>.md``, ``<name>.json`` and figures for the comparison in ``output_dir``.
+
+    ``notes`` (Markdown) is placed under the title, for the setup and caveats of the run.
+    """
     results = collect_results(output_dir)
     report_dir = Path(report_dir)
     figures = report_dir / "figures"
     markdown, data = build_report(results, title, command, hardware)
+    if notes:
+        heading, _, rest = markdown.partition("\n\n")
+        markdown = f"{heading}\n\n{notes.strip()}\n\n{rest}"
 
     tasks = list(results[0].task_means())
     per_task = grouped_bars(
