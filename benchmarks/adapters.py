@@ -4,7 +4,10 @@
 - ``lora``: peft's own LoRA `Linear` at the iso-parametric rank;
 - ``loop``: the same MoDE math computed the way public mixture-of-LoRA code bases do it
   (HydraLoRA, MoLoRA ports): a Python loop over experts that forms each expert's full
-  output and adds it with its routing weight.
+  output and adds it with its routing weight;
+- ``lora_plain``: peft's LoRA weights applied as two bare matrix products, without the
+  dropout call and the (N, Q) scaling multiplication that peft's forward performs even
+  when the scaling is 1. It shows how much of LoRA's time those two steps take.
 
 `adapter_path` returns a function that computes only the update (the base layer's
 product excluded); `whole_layer` returns one that runs the complete layer.
@@ -101,7 +104,7 @@ def build_layers(shape: LayerShape, dtype: torch.dtype, device: str = "cpu", see
     lora = LoraLinear(base, "default", r=shape.lora_rank, lora_alpha=shape.lora_rank, config=lora_config)
     lora = lora.to(device, dtype)
     loop = LoopMoDE(mode).to(device, dtype)
-    return {"mode": mode, "lora": lora, "loop": loop}
+    return {"mode": mode, "lora": lora, "loop": loop, "lora_plain": lora}
 
 
 def adapter_path(name: str, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -112,6 +115,9 @@ def adapter_path(name: str, layer: nn.Module) -> Callable[[torch.Tensor], torch.
         lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
         dropout, scaling = layer.lora_dropout["default"], layer.scaling["default"]
         return lambda x: lora_b(lora_a(dropout(x))) * scaling
+    if name == "lora_plain":
+        lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
+        return lambda x: lora_b(lora_a(x))
     if name == "loop":
         return layer.update
     raise ValueError(f"Unknown implementation {name!r}.")

@@ -38,7 +38,7 @@ SHAPES = {
     "smollm": [(576, 576), (576, 1536)],
     "7b": [(4096, 4096), (4096, 11008)],
 }
-IMPLEMENTATIONS = ("mode", "lora", "loop")
+IMPLEMENTATIONS = ("mode", "lora", "loop", "lora_plain")
 
 
 def time_call(function: Callable[[], None], device: str) -> float:
@@ -90,8 +90,8 @@ def saved_activation_bytes(path, x, layer) -> int:
 
 
 def benchmark_shape(shape: LayerShape, tokens: int, dtype: torch.dtype, device: str, repeats: int, warmup: int,
-                    whole: bool) -> dict:
-    layers = build_layers(shape, dtype, device)
+                    whole: bool, implementations=("mode", "lora", "loop")) -> dict:
+    layers = {name: layer for name, layer in build_layers(shape, dtype, device).items() if name in implementations}
     for layer in layers.values():
         layer.requires_grad_(True)
         layer.base_layer.requires_grad_(False)
@@ -103,7 +103,7 @@ def benchmark_shape(shape: LayerShape, tokens: int, dtype: torch.dtype, device: 
         path = adapter_path(name, layer)
         modes["forward"][name] = forward_only(path, x)
         modes["forward_backward"][name] = forward_backward(path, x, grad_output)
-        if whole:
+        if whole and name != "lora_plain":
             modes.setdefault("layer_forward_backward", {})[name] = forward_backward(whole_layer(name, layer), x, grad_output)
 
     result = {
@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--whole-layer", action="store_true", help="also time the complete layers")
+    parser.add_argument("--implementations", nargs="+", default=["mode", "lora", "loop"], choices=IMPLEMENTATIONS,
+                        help="implementations to time; lora is always included as the reference")
     parser.add_argument("--output", required=True, help="JSON file for the results")
     args = parser.parse_args(argv)
     args.sharing = [choice == "shared" for choice in args.sharing]
@@ -171,7 +173,11 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     results = []
     for shape in tqdm(shapes, desc="Benchmarking"):
-        results.append(benchmark_shape(shape, args.tokens, dtype, args.device, args.repeats, args.warmup, args.whole_layer))
+        implementations = tuple(dict.fromkeys(["lora", *args.implementations]))
+        results.append(
+            benchmark_shape(shape, args.tokens, dtype, args.device, args.repeats, args.warmup, args.whole_layer,
+                            implementations)
+        )
     report = {
         "command": " ".join(sys.argv),
         "seconds": time.perf_counter() - started,

@@ -68,7 +68,8 @@ def resolve_sni_dir(config: ExperimentConfig, sni_dir: Optional[str]) -> str:
     chosen = sni_dir or config.data.sni_dir
     if not chosen:
         raise ConfigError("No SNI folder given: pass --sni-dir PATH or set data.sni_dir in the config.")
-    config.data.sni_dir = str(chosen)
+    # An absolute path keeps experiment.yaml usable from another working directory.
+    config.data.sni_dir = str(Path(chosen).expanduser().resolve())
     return config.data.sni_dir
 
 
