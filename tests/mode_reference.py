@@ -7,6 +7,8 @@ For one token x (1 x P):
 
 A_k is columns k*p:(k+1)*p of A (P x r), B_{i,k} the same columns of expert i's B (Q x r).
 With a down-projection per expert, A_k is replaced by expert i's own A_{i,k}.
+With top-k routing, only the k experts with the largest R_{k,i} keep a weight, and
+those weights are divided by their sum.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def reference_update(
     expert_rank: int,
     shared: bool,
     scaling: float = 1.0,
+    top_k=None,
 ) -> torch.Tensor:
     """Loop over tokens, slots and experts; weights in the peft-mode state-dict layout.
 
@@ -46,6 +49,10 @@ def reference_update(
                 largest = max(logits)
                 exps = [math.exp(value - largest) for value in logits]
                 weights = [value / sum(exps) for value in exps]
+                if top_k is not None:
+                    chosen = sorted(range(num_experts), key=lambda i: -weights[i])[:top_k]
+                    total = sum(weights[i] for i in chosen)
+                    weights = [weights[i] / total if i in chosen else 0.0 for i in range(num_experts)]
             for i in range(num_experts):
                 if shared:
                     a_k = down_weight[columns].double()  # (p, P): rows of the (r, P) weight

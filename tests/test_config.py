@@ -25,6 +25,7 @@ OWN_FIELDS = [
     "fan_in_fan_out",
     "init_weights",
     "router_init_scale",
+    "top_k",
 ]
 
 
@@ -125,3 +126,17 @@ def test_json_round_trip(tmp_path):
     assert isinstance(loaded, MoDEConfig)
     for name in OWN_FIELDS:
         assert getattr(loaded, name) == getattr(config, name), name
+
+
+@pytest.mark.parametrize("top_k", [0, 5, 2.0, True])
+def test_top_k_range_checked(top_k):
+    with pytest.raises(ValueError) as error:
+        MoDEConfig(num_experts=4, top_k=top_k)
+
+    assert "top_k" in str(error.value) and "num_experts=4" in str(error.value) and repr(top_k) in str(error.value)
+
+
+def test_top_k_saved_with_config(tmp_path):
+    MoDEConfig(num_experts=4, top_k=2).save_pretrained(tmp_path)
+
+    assert PeftConfig.from_pretrained(tmp_path).top_k == 2

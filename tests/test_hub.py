@@ -86,7 +86,7 @@ def test_push_to_hub_sends_adapter_and_mode_card(recorded_uploads):
     assert "pip install peft-mode" in card.text
     assert "import peft_mode" in card.text
     assert f'PeftModel.from_pretrained(base_model, "{REPO_ID}")' in card.text
-    assert "| default | 8 | 4 | 2 | 4 | True | r (unscaled) | 0 | q_proj, v_proj |" in card.text
+    assert "| default | 8 | 4 | 2 | 4 | True | r (unscaled) | 0 | soft, all experts | q_proj, v_proj |" in card.text
     assert {"peft-mode", "mode"} <= set(card.data.tags)
     assert card.data.library_name == "peft"
 

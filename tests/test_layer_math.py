@@ -258,3 +258,58 @@ def test_routing_weights_sum_to_one():
 
     assert seen[0].shape == (10, 3, 4)
     torch.testing.assert_close(seen[0].sum(-1), torch.ones(10, 3))
+
+
+TOP_K_SETTINGS = [(4, 4, 1, True, 1), (4, 4, 1, True, 2), (6, 3, 3, True, 2), (4, 3, 2, False, 1), (4, 4, 4, False, 3)]
+
+
+@pytest.mark.parametrize("r,m,p,shared,top_k", TOP_K_SETTINGS)
+def test_top_k_forward_matches_plain_loop(r, m, p, shared, top_k):
+    torch.manual_seed(0)
+    config = MoDEConfig(r=r, num_experts=m, expert_rank=p, share_down_projection=shared, init_weights=False,
+                        router_init_scale=0.7, top_k=top_k)
+    layer = MoDELinear(make_base("linear"), "default", config)
+    x = torch.randn(2, 5, IN_FEATURES, generator=torch.Generator().manual_seed(3))
+    seen = []
+    layer.routing_observer = lambda module, adapter, weights: seen.append(weights)
+
+    output = layer(x)
+
+    router = layer.mode_router["default"].weight.detach()
+    expected = base_output(layer, x) + reference_update(
+        x, layer.mode_A["default"].weight.detach(), router, layer.mode_B["default"].detach(), p, shared, 1.0, top_k
+    )
+    torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
+    assert ((seen[0] > 0).sum(-1) == top_k).all()
+    torch.testing.assert_close(seen[0].sum(-1), torch.ones(10, r // p))
+
+
+@pytest.mark.parametrize("r,m,p,shared,top_k", TOP_K_SETTINGS)
+def test_top_k_fused_gradients_match_autograd(r, m, p, shared, top_k):
+    torch.manual_seed(21)
+    tensors = {
+        "x": torch.randn(9, IN_FEATURES, dtype=torch.float64),
+        "down": torch.randn(r if shared else m * r, IN_FEATURES, dtype=torch.float64),
+        "router": torch.randn((r // p) * m, IN_FEATURES, dtype=torch.float64),
+        "up": torch.randn(m, OUT_FEATURES, r, dtype=torch.float64),
+    }
+    grad_output = torch.randn(9, OUT_FEATURES, dtype=torch.float64)
+    results = {}
+    for name, function in (("fused", mode_update), ("plain", mode_update_autograd)):
+        inputs = {key: value.clone().requires_grad_() for key, value in tensors.items()}
+        output, _ = function(inputs["x"], inputs["down"], inputs["router"], inputs["up"], p, 1.0, None, top_k)
+        output.backward(grad_output)
+        results[name] = (output, {key: value.grad for key, value in inputs.items()})
+
+    torch.testing.assert_close(results["fused"][0], results["plain"][0])
+    for key in tensors:
+        torch.testing.assert_close(results["fused"][1][key], results["plain"][1][key], msg=f"gradient of {key}")
+
+
+def test_top_k_equal_to_num_experts_is_soft_routing():
+    x = torch.randn(6, IN_FEATURES)
+    soft = make_layer("linear", 4, 3, 1, True)
+    full_top_k = make_layer("linear", 4, 3, 1, True)
+    full_top_k.top_k["default"] = 3
+
+    torch.testing.assert_close(full_top_k(x), soft(x))

@@ -90,6 +90,7 @@ CASES = [
         dict(target_modules=["lin0"], r=4, num_experts=2, modules_to_save=["head"]),
     ),
     ("mlp regex", MLP, mlp_inputs, dict(target_modules=r"lin[01]", r=4, num_experts=2)),
+    ("mlp top-2", MLP, mlp_inputs, dict(target_modules=["lin0", "lin1"], r=4, num_experts=4, top_k=2)),
     ("mlp all-linear", MLP, mlp_inputs, dict(target_modules="all-linear", r=2, num_experts=2)),
     ("conv1d", EmbConv1D, token_inputs, dict(target_modules=["conv1d"], r=2, num_experts=3)),
     ("conv1d lora", EmbConv1D, token_inputs, dict(target_modules=["conv1d"], r=2, num_experts=1)),

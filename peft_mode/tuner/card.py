@@ -17,16 +17,17 @@ CARD_TAGS = ("peft-mode", "mode", "mixture-of-experts")
 def _settings_table(mode_configs: dict[str, MoDEConfig]) -> list[str]:
     lines = [
         "| adapter | r | experts (m) | expert rank (p) | routing slots (r/p) | shared down-projection | alpha | "
-        "dropout | target modules |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "dropout | routing | target modules |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, config in sorted(mode_configs.items()):
         targets = config.target_modules
         targets_text = ", ".join(sorted(targets)) if isinstance(targets, (set, list, tuple)) else str(targets)
         alpha = "r (unscaled)" if config.alpha is None else f"{config.alpha:g}"
+        routing = "soft, all experts" if config.top_k is None else f"top-{config.top_k}"
         lines.append(
             f"| {name} | {config.r} | {config.num_experts} | {config.expert_rank} | {config.num_slots} | "
-            f"{config.share_down_projection} | {alpha} | {config.dropout:g} | {targets_text} |"
+            f"{config.share_down_projection} | {alpha} | {config.dropout:g} | {routing} | {targets_text} |"
         )
     return lines
 

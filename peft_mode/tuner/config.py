@@ -89,6 +89,10 @@ class MoDEConfig(PeftConfig):
             router weights are drawn from. It must be positive when ``init_weights`` is
             True and there is more than one expert, because a zero router with zero
             up-projections gives every expert the same gradient forever. Default 0.01.
+        top_k (`int`, *optional*): Keep only the ``top_k`` experts with the largest routing
+            weights in each slot of each token, with their weights renormalised to sum to 1
+            (a softmax over the selected experts). None, the default, keeps all experts:
+            the soft routing of the MoDE paper, which lists top-k routing as future work.
 
     Raises:
         ValueError: a field is outside its allowed range; the message names the field,
@@ -176,6 +180,16 @@ class MoDEConfig(PeftConfig):
         metadata={"help": "Standard deviation of the normal distribution of the initial router weights."},
     )
 
+    top_k: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Keep only this many experts (largest routing weights) per slot and token, renormalised. "
+                "None keeps all experts (soft routing)."
+            )
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = MODE_PEFT_TYPE
@@ -207,6 +221,11 @@ class MoDEConfig(PeftConfig):
                 "MoDEConfig.router_init_scale must be > 0 when init_weights=True and num_experts > 1, got 0.0: "
                 "with a zero router and zero up-projections every expert receives the same gradient, so the "
                 "experts never differ. Use a small positive value such as 0.01."
+            )
+        if self.top_k is not None and (not _is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts):
+            raise ValueError(
+                f"MoDEConfig.top_k must be None or an integer from 1 to num_experts={self.num_experts}, "
+                f"got {self.top_k!r}."
             )
         for name in ("share_down_projection", "fan_in_fan_out", "init_weights"):
             value = getattr(self, name)

@@ -71,7 +71,9 @@ class MoDELayer(BaseTunerLayer):
     # NOTE: generic peft code (delete_adapter, set_adapter, dtype casting, state dicts) finds the
     # per-adapter containers through these two tuples; update them when adding a container.
     adapter_layer_names = ("mode_A", "mode_B", "mode_router")
-    other_param_names = ("r", "num_experts", "expert_rank", "share_down_projection", "scaling", "mode_dropout")
+    other_param_names = (
+        "r", "num_experts", "expert_rank", "share_down_projection", "scaling", "top_k", "mode_dropout"
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -80,6 +82,7 @@ class MoDELayer(BaseTunerLayer):
         self.expert_rank: dict[str, int] = {}
         self.share_down_projection: dict[str, bool] = {}
         self.scaling: dict[str, float] = {}
+        self.top_k: dict[str, Optional[int]] = {}
         self.mode_dropout = nn.ModuleDict({})
         self.mode_A = nn.ModuleDict({})
         self.mode_B = nn.ParameterDict({})
@@ -112,6 +115,7 @@ class MoDELayer(BaseTunerLayer):
         self.expert_rank[adapter_name] = expert_rank
         self.share_down_projection[adapter_name] = config.share_down_projection
         self.scaling[adapter_name] = config.scaling
+        self.top_k[adapter_name] = config.top_k
         self.mode_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
         down_rows = r if config.share_down_projection or num_experts == 1 else num_experts * r
@@ -251,6 +255,7 @@ class MoDELinear(nn.Module, MoDELayer):
             expert_rank=self.expert_rank[adapter_name],
             scaling=self.scaling[adapter_name],
             dropout=self.mode_dropout[adapter_name],
+            top_k=self.top_k.get(adapter_name),
         )
         if self.routing_observer is not None and routing_weights is not None:
             self.routing_observer(self, adapter_name, routing_weights)

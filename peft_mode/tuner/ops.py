@@ -77,6 +77,25 @@ def softmax_over_experts_(logits: torch.Tensor) -> torch.Tensor:
     return logits.div_(logits.sum(dim=-1, keepdim=True))
 
 
+def keep_top_k_(routing_weights: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Zero all but the ``top_k`` largest weights of each row and renormalise them, in place.
+
+    The result equals a softmax over the selected experts' logits only, so the softmax
+    backward formula applied to it gives the gradient of top-k routing: zero for the
+    experts left out.
+    """
+    kept = torch.zeros_like(routing_weights)
+    values, indices = routing_weights.topk(top_k, dim=-1)
+    kept.scatter_(-1, indices, values / values.sum(dim=-1, keepdim=True))
+    return routing_weights.copy_(kept)
+
+
+def mask_to_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Return ``logits`` with every entry outside the ``top_k`` largest of its row set to -inf."""
+    threshold = logits.topk(top_k, dim=-1).values[..., -1:].detach()
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
 def softmax_over_experts(logits: torch.Tensor) -> torch.Tensor:
     """Differentiable softmax over the last dimension, computed in float32 at least; see `softmax_over_experts_`."""
     working = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
@@ -115,7 +134,7 @@ class _FusedMoDEUpdate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, down_weight, router_weight, up_weight, expert_rank, scaling, shared):
+    def forward(ctx, x, down_weight, router_weight, up_weight, expert_rank, scaling, shared, top_k):
         num_experts = up_weight.shape[0]
         slots = router_weight.shape[0] // num_experts
         down_rows = down_weight.shape[0]
@@ -128,6 +147,8 @@ class _FusedMoDEUpdate(torch.autograd.Function):
 
         # Route: one softmax over the experts per slot, computed in place over the logits.
         routing_weights = softmax_over_experts_(projected[:, down_rows:].view(tokens, slots, num_experts))
+        if top_k is not None and top_k < num_experts:
+            keep_top_k_(routing_weights, top_k)
 
         # Mix and project up.
         mixed = _mix(routing_weights, down_projection, shared, expert_rank)
@@ -202,7 +223,7 @@ class _FusedMoDEUpdate(torch.autograd.Function):
         grad_router = grad_fused_weight[down_rows:]
         grad_up = grad_up_matrix.view(out_features, slots, num_experts, expert_rank).permute(2, 0, 1, 3)
         grad_up = grad_up.reshape(up_weight.shape)
-        return grad_x, grad_down, grad_router, grad_up, None, None, None
+        return grad_x, grad_down, grad_router, grad_up, None, None, None, None
 
 
 def mode_update(
@@ -213,6 +234,7 @@ def mode_update(
     expert_rank: int,
     scaling: float = 1.0,
     dropout: Optional[torch.nn.Module] = None,
+    top_k: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Compute the MoDE update for a batch of tokens.
 
@@ -227,6 +249,7 @@ def mode_update(
         scaling: factor applied to the update (alpha / r).
         dropout: module applied to the input of the down-projection only; None or an
             inactive dropout allows the fused path.
+        top_k: keep only this many experts per slot and token (renormalised); None keeps all.
 
     Returns:
         ``(update, routing_weights)``: the ``(..., Q)`` update and the ``(N, S, m)`` routing
@@ -250,12 +273,12 @@ def mode_update(
     autocast_active = torch.is_autocast_enabled(x.device.type)
     if not dropout_active and not autocast_active:
         update, routing_weights = _FusedMoDEUpdate.apply(
-            tokens_x, down_weight, router_weight, up_weight, expert_rank, scaling, shared
+            tokens_x, down_weight, router_weight, up_weight, expert_rank, scaling, shared, top_k
         )
         return update.view(*leading_shape, out_features), routing_weights
 
     update, routing_weights = mode_update_autograd(
-        tokens_x, down_weight, router_weight, up_weight, expert_rank, scaling, dropout
+        tokens_x, down_weight, router_weight, up_weight, expert_rank, scaling, dropout, top_k
     )
     return update.view(*leading_shape, out_features), routing_weights.detach()
 
@@ -268,6 +291,7 @@ def mode_update_autograd(
     expert_rank: int,
     scaling: float = 1.0,
     dropout: Optional[torch.nn.Module] = None,
+    top_k: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute the MoDE update of ``(N, P)`` tokens with plain autograd operations.
 
@@ -284,6 +308,8 @@ def mode_update_autograd(
     down_projection = F.linear(down_input, arrange_down_weight(down_weight, num_experts, expert_rank, shared))
 
     router_logits = F.linear(x, router_weight).view(tokens, slots, num_experts)
+    if top_k is not None and top_k < num_experts:
+        router_logits = mask_to_top_k(router_logits, top_k)
     routing_weights = softmax_over_experts(router_logits)
 
     mixed = _mix(routing_weights, down_projection, shared, expert_rank)
