@@ -148,3 +148,14 @@ def test_lora_method_trains_through_same_command(workspace, tmp_path):
     assert saved["peft_type"] == "LORA"
     assert not (tmp_path / "lora" / "router_stats.jsonl").exists()
     assert not (tmp_path / "lora" / "eval.json").exists()
+
+
+def test_evaluate_on_tasks_not_trained_on(trained_run, workspace, tmp_path):
+    sni_dir = write_sni_fixture(tmp_path / "sni", {"task009_unseen": TASKS["task002_uppercase"]})
+
+    code = main(["evaluate", "--adapter", str(trained_run), "--model", workspace["model"], "--sni-dir", str(sni_dir),
+                 "--set", "data.tasks=[task009]", "--output-dir", str(tmp_path / "unseen")])
+
+    results = json.loads((tmp_path / "unseen" / "eval.json").read_text())
+    assert code == 0
+    assert list(results["per_task"]) == ["task009_unseen"]
