@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -31,3 +32,17 @@ def test_lora_rank_is_iso_parametric():
     assert shape.mode_parameters == 136 * 4096
     assert shape.lora_rank == 68
     assert build_layers(shape, torch.float32)["lora"].lora_A["default"].weight.shape == (68, 4096)
+
+
+def test_profile_script_writes_operator_summary(tmp_path):
+    from profile_layer import main
+
+    output = tmp_path / "profile.json"
+    main(["--in-features", "16", "--out-features", "12", "--m", "3", "--r", "4", "--p", "2", "--tokens", "32",
+          "--steps", "2", "--output", str(output)])
+
+    record = json.loads(output.read_text())
+    assert set(record["results"]) == {"mode", "lora", "loop"}
+    for summary in record["results"].values():
+        assert summary["total_ms_per_step"] > 0
+        assert summary["operators"] and all(0.0 <= row["share"] <= 1.0 for row in summary["operators"])
