@@ -45,4 +45,5 @@ def test_profile_script_writes_operator_summary(tmp_path):
     assert set(record["results"]) == {"mode", "lora", "loop"}
     for summary in record["results"].values():
         assert summary["total_ms_per_step"] > 0
-        assert summary["operators"] and all(0.0 <= row["share"] <= 1.0 for row in summary["operators"])
+        assert summary["operators"]
+        assert all(0.0 <= row["share"] <= 1.0 for row in summary["operators"])
