@@ -115,7 +115,7 @@ def propose_matching_configs(
     """Propose, for each method, the configurations whose parameter count is within ``tolerance`` of ``budget``.
 
     LoRA's rank is chosen freely (1 to 1024). MoLoRA and MoLoRA-SD use expert rank r and vary the
-    number of experts; MoDE varies experts and every expert rank that divides r. Each list is
+    number of experts; MoDE varies experts and every expert rank p < r that divides r. Each list is
     sorted by distance to the budget, closest first.
 
     Args:
@@ -142,7 +142,8 @@ def propose_matching_configs(
                 count = total_parameter_count(shapes, method, r, num_experts, r)
                 if close(count):
                     proposals[method].append(MethodSpec(method, r, num_experts, r, count))
-            for expert_rank in [d for d in range(1, r + 1) if r % d == 0]:
+            # p = r is MoLoRA-SD, listed above, so MoDE proposals keep p < r.
+            for expert_rank in [d for d in range(1, r) if r % d == 0]:
                 count = total_parameter_count(shapes, "mode", r, num_experts, expert_rank)
                 if close(count):
                     proposals["mode"].append(MethodSpec("mode", r, num_experts, expert_rank, count))

@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--adapter", help="Output folder of 'peft-mode train'.")
     target.add_argument("--untuned", action="store_true", help="Evaluate the base model without an adapter.")
     _common_config_arguments(evaluate)
-    evaluate.add_argument("--output-dir", help="Where to write eval.json and eval.md (default: the adapter folder).")
+    evaluate.add_argument(
+        "--output-dir",
+        help="Where to write eval.json and eval.md (default: the adapter folder; runs/untuned with --untuned).",
+    )
     evaluate.add_argument("--name", default="eval", help="File name stem of the results (default: eval).")
     evaluate.add_argument("--max-instances-per-task", type=int, help="Evaluate at most this many instances per task.")
     evaluate.add_argument("--baseline", help="eval.json of another run to show side by side (e.g. the untuned model).")
@@ -147,6 +150,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # rouge-score logs through absl at INFO level on every scorer it builds.
+        logging.getLogger("absl").setLevel(logging.WARNING)
     handlers = {"train": _train, "evaluate": _evaluate, "fetch-model": _fetch_model}
     try:
         if args.command in handlers:

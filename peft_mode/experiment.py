@@ -50,6 +50,7 @@ class AdapterSettings:
     dropout: float = 0.0
     target_modules: Union[list[str], str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     router_init_scale: float = 0.01
+    top_k: Optional[int] = None
 
 
 @dataclass
@@ -221,6 +222,17 @@ def _validate_adapter(adapter: AdapterSettings) -> None:
         adapter.method != "mode" or adapter.r % adapter.expert_rank == 0,
         f"adapter.expert_rank={adapter.expert_rank} must divide adapter.r={adapter.r}.",
     )
+    if adapter.top_k is not None:
+        _require(
+            adapter.method != "lora",
+            f"adapter.top_k={adapter.top_k} applies to routed adapters only; remove it or pick method mode, molora "
+            "or molora_sd.",
+        )
+        _require(
+            isinstance(adapter.top_k, int) and 1 <= adapter.top_k <= adapter.num_experts,
+            f"adapter.top_k must be an integer from 1 to adapter.num_experts={adapter.num_experts}, "
+            f"got {adapter.top_k!r}.",
+        )
 
 
 def _validate_data(data: DataSettings) -> None:

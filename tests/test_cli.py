@@ -46,6 +46,7 @@ def test_train_writes_every_output(trained_run):
                  "router_stats.jsonl", "router_usage_by_task.json", "router_heatmap_average.png", "eval.json", "eval.md",
                  "run.json"):
         assert (trained_run / name).exists(), name
+    assert not (trained_run / "trainer").exists()
     results = json.loads((trained_run / "eval.json").read_text())
     assert set(results["per_task"]) == set(TASKS)
     assert results["counts"] == {task: 1 for task in TASKS}
@@ -98,6 +99,8 @@ def test_evaluate_untuned_with_baseline(trained_run, workspace):
         (["--set", "optimizer.lr=0.1"], "must name a section and a key"),
         (["--set", "training.max_steps"], "must have the form section.key=value"),
         (["--model", "{root}/no-model"], "Model folder {root}/no-model does not exist"),
+        (["--set", "adapter.top_k=4"], "adapter.top_k must be an integer from 1 to adapter.num_experts=3, got 4"),
+        (["--set", "adapter.method=lora", "--set", "adapter.top_k=1"], "adapter.top_k=1 applies to routed adapters"),
     ],
 )
 def test_train_errors_name_the_problem(workspace, capsys, arguments, message):
@@ -109,6 +112,7 @@ def test_train_errors_name_the_problem(workspace, capsys, arguments, message):
 
     assert code == 2
     assert message.format(root=workspace["root"]) in capsys.readouterr().err
+    assert not (workspace["root"] / "failed").exists()
 
 
 def test_missing_config_file_and_bad_yaml(workspace, capsys, tmp_path):
@@ -159,3 +163,27 @@ def test_evaluate_on_tasks_not_trained_on(trained_run, workspace, tmp_path):
     results = json.loads((tmp_path / "unseen" / "eval.json").read_text())
     assert code == 0
     assert list(results["per_task"]) == ["task009_unseen"]
+
+
+def test_smollm2_base_note_keeps_card(tmp_path):
+    from peft_mode.training.run import add_smollm2_base_note
+
+    (tmp_path / "README.md").write_text("---\nlibrary_name: peft\n---\n# Card\n\nExisting text.\n")
+
+    add_smollm2_base_note(tmp_path)
+
+    text = (tmp_path / "README.md").read_text()
+    assert "Existing text." in text
+    assert "library_name: peft" in text
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in text
+    assert "peft-mode fetch-model" in text
+
+
+def test_top_k_reaches_adapter_config():
+    from peft_mode.experiment import AdapterSettings
+    from peft_mode.training.run import adapter_config
+
+    config = adapter_config(AdapterSettings(method="mode", r=4, num_experts=3, expert_rank=2, top_k=2))
+
+    assert config.top_k == 2
+    assert config.num_experts == 3

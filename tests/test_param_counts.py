@@ -86,3 +86,13 @@ def test_budget_proposals_are_within_tolerance():
         for spec in proposals[method]:
             assert abs(spec.parameters - budget) <= 0.03 * budget
             assert spec.parameters == total_parameter_count(shapes, method, spec.r, spec.num_experts, spec.expert_rank)
+
+
+def test_budget_mode_proposals_exclude_molora_sd():
+    shapes = [("layer", 576, 576)] * 4
+    budget = total_parameter_count(shapes, "lora", 32)
+
+    proposals = propose_matching_configs(shapes, budget, tolerance=0.05)
+
+    assert proposals["mode"]
+    assert all(spec.expert_rank < spec.r for spec in proposals["mode"])

@@ -79,6 +79,12 @@ def test_number_prefix_and_split_file(sni_dir):
     assert load_sni_splits(sni_dir, "split:splits/default/train_tasks.txt").tasks == list(TASKS)
 
 
+def test_split_entry_inside_task_list(sni_dir):
+    splits = load_sni_splits(sni_dir, [list(TASKS)[0], "split:splits/default/train_tasks.txt"])
+
+    assert splits.tasks == list(TASKS)
+
+
 def test_shared_subset_loads_all_eleven_tasks():
     splits = load_sni_splits(SHARED_SUBSET, "split:splits/default/train_tasks.txt")
 

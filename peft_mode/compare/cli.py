@@ -34,7 +34,8 @@ def add_compare_commands(commands) -> None:
 
     budget = commands.add_parser("budget", help="Propose LoRA, MoLoRA, MoLoRA-SD and MoDE sizes for a parameter budget.")
     budget.add_argument("--model", default="smollm2-135m-instruct", help="Model whose layer shapes are counted.")
-    budget.add_argument("--target-modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    budget.add_argument("--target-modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        help="Names of the adapted modules (default: q_proj k_proj v_proj o_proj).")
     target = budget.add_mutually_exclusive_group(required=True)
     target.add_argument("--parameters", type=float, help="Budget in trainable parameters, e.g. 3.7e6.")
     target.add_argument("--like", help="Budget of a reference adapter: lora:R, molora:MxR, molora_sd:MxR or mode:MxRxP.")
@@ -137,6 +138,8 @@ def _budget(args: argparse.Namespace) -> int:
     else:
         budget = int(args.parameters)
     print(f"{len(shapes)} adapted layers; budget {budget:,} parameters ({100 * budget / base_parameters:.2f}% of the model)")
+    print("Sizes read: lora r=R; molora and molora_sd MxR (M experts of rank R); mode MxRxP (M experts,"
+          " rank R, expert rank P).")
     proposals = propose_matching_configs(shapes, budget, args.tolerance)
     for method, specs in proposals.items():
         print(f"\n{method}:")

