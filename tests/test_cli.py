@@ -171,8 +171,10 @@ def test_smollm2_base_note_keeps_card(tmp_path):
     (tmp_path / "README.md").write_text("---\nlibrary_name: peft\n---\n# Card\n\nExisting text.\n")
 
     add_smollm2_base_note(tmp_path)
+    add_smollm2_base_note(tmp_path)
 
     text = (tmp_path / "README.md").read_text()
+    assert text.count("## Base model") == 1
     assert "Existing text." in text
     assert "library_name: peft" in text
     assert "SmolLM2-135M-Instruct.Q4_1.gguf" in text

@@ -252,7 +252,7 @@ def run_experiment(
                 indent=2,
             )
         )
-        trainer_dir = output_dir / "trainer"
+        trainer_dir = Path(trainer.args.output_dir)
         # The Trainer's own folder stays empty unless it receives checkpoints or TensorBoard logs.
         if trainer_dir.is_dir() and not any(trainer_dir.iterdir()):
             trainer_dir.rmdir()
@@ -273,7 +273,11 @@ def add_smollm2_base_note(adapter_dir: Path) -> None:
     """Append to the adapter's model card where its SmolLM2 base weights come from and how to get them."""
     card_path = adapter_dir / "README.md"
     card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("---\n---\n")
-    card.text = card.text.rstrip("\n") + "\n\n" + SMOLLM2_BASE_NOTE.format(gguf=SMOLLM2_GGUF)
+    note = SMOLLM2_BASE_NOTE.format(gguf=SMOLLM2_GGUF)
+    # Training again into the same folder keeps the card's text, so add the note only once.
+    if note.strip() in card.text:
+        return
+    card.text = card.text.rstrip("\n") + "\n\n" + note
     card.save(card_path)
 
 
