@@ -81,13 +81,28 @@ def _train(args: argparse.Namespace) -> int:
     config = load_experiment_config(args.config, overrides)
     resolve_sni_dir(config, args.sni_dir)
 
-    result = run_experiment(config, args.output_dir)
+    try:
+        result = run_experiment(config, args.output_dir)
+    finally:
+        _close_process_group()
     if result.eval_results is not None:
         from .evaluation import results_table
 
         print(results_table(result.eval_results))
     print(f"Trained for {result.train_seconds:.0f} s; adapter and logs in {result.output_dir}")
     return 0
+
+
+def _close_process_group() -> None:
+    """Shut down the process group that a multi-process launch (``accelerate launch``, ``torchrun``) opened.
+
+    A process that exits with a live gloo group can abort in the group's C++ threads
+    ("terminate called without an active exception"), which turns a finished run into a failed one.
+    """
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _evaluate(args: argparse.Namespace) -> int:
