@@ -140,10 +140,11 @@ def test_fused_gradients_match_autograd(r, m, p, shared):
         torch.testing.assert_close(fused_inputs[name].grad, plain_inputs[name].grad, msg=f"gradient of {name}")
 
 
-def test_fused_backward_passes_gradcheck():
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_expert"])
+def test_fused_backward_passes_gradcheck(shared):
     torch.manual_seed(12)
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    down = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(4 if shared else 3 * 4, 5, dtype=torch.float64, requires_grad=True)
     router = torch.randn(2 * 3, 5, dtype=torch.float64, requires_grad=True)
     up = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
 
@@ -151,6 +152,32 @@ def test_fused_backward_passes_gradcheck():
         return mode_update(*inputs, expert_rank=2, scaling=0.5)[0]
 
     assert torch.autograd.gradcheck(update, (x, down, router, up))
+
+
+@pytest.mark.parametrize("p,shared,expected_columns", [(1, True, 4 + 4 * 3), (2, True, 4 + 2 * 3), (1, False, 3 * 4),
+                                                       (2, False, 3 * 4)])
+def test_fused_update_saves_one_activation(p, shared, expected_columns):
+    """Besides the input and the weights, autograd keeps h (and the routing weights when shared) only."""
+    r, m, tokens = 4, 3, 7
+    x = torch.randn(tokens, IN_FEATURES, requires_grad=True)
+    down = torch.randn(r if shared else m * r, IN_FEATURES, requires_grad=True)
+    router = torch.randn((r // p) * m, IN_FEATURES, requires_grad=True)
+    up = torch.randn(m, OUT_FEATURES, r, requires_grad=True)
+    known = {tensor.data_ptr() for tensor in (x, down, router, up)}
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        update, _ = mode_update(x, down, router, up, p)
+
+    activations = [tensor for tensor in saved if tensor.data_ptr() not in known]
+    assert len(activations) == 1
+    assert activations[0].shape == (tokens, expected_columns)
+    update.sum().backward()
+    assert x.grad is not None
 
 
 def test_one_expert_equals_peft_lora():

@@ -14,8 +14,8 @@ LoRA of equal parameter count:
    of all experts arranged slot-major, ``up[q, (k, i, j)] = B[i, q, k*p + j]``.
 
 No per-expert output (N x Q for each expert) is ever formed. Training uses a custom
-autograd function that saves only h and the routing weights (besides the input and the
-parameters) and recomputes ``mixed`` in the backward pass.
+autograd function that saves h and, with a shared down-projection, the routing weights
+(besides the input and the parameters), and recomputes everything else in the backward pass.
 """
 
 from __future__ import annotations
@@ -103,6 +103,14 @@ def softmax_over_experts(logits: torch.Tensor) -> torch.Tensor:
     return (exponentials / exponentials.sum(dim=-1, keepdim=True)).to(logits.dtype)
 
 
+def _route_(logits: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
+    """Turn ``(N, S, m)`` router logits into routing weights in place, keeping the ``top_k`` largest if set."""
+    routing_weights = softmax_over_experts_(logits)
+    if top_k is not None and top_k < logits.shape[-1]:
+        keep_top_k_(routing_weights, top_k)
+    return routing_weights
+
+
 def _mix(
     routing_weights: torch.Tensor, down_projection: torch.Tensor, shared: bool, expert_rank: int
 ) -> torch.Tensor:
@@ -127,10 +135,13 @@ def _mix(
 class _FusedMoDEUpdate(torch.autograd.Function):
     """MoDE update with a hand-written backward.
 
-    Saves one (N, D + S*m) tensor per call: the down-projection h (D columns) and, written
-    over the router logits, the routing weights. The mixed activations are recomputed in
-    the backward pass, and the rearranged weights are rebuilt from the parameters, so
-    the activation memory is close to that of a LoRA of equal size.
+    With a shared down-projection, saves one (N, r + S*m) tensor per call: the
+    down-projection h and, written over the router logits, the routing weights. With one
+    down-projection per expert, saves only h (N, m*r) and recomputes the routing weights
+    from the input in the backward pass: one extra (N, P) x (P, S*m) product buys back
+    S*m saved columns, which for p = 1 would double the saved width. The mixed activations
+    are always recomputed and the rearranged weights rebuilt from the parameters, so the
+    activation memory stays at or below that of a LoRA of equal size.
     """
 
     @staticmethod
@@ -140,15 +151,20 @@ class _FusedMoDEUpdate(torch.autograd.Function):
         down_rows = down_weight.shape[0]
         tokens = x.shape[0]
 
-        # Project down and compute the router logits with one matrix product.
-        fused_weight = torch.cat([arrange_down_weight(down_weight, num_experts, expert_rank, shared), router_weight])
-        projected = x @ fused_weight.t()
-        down_projection = projected[:, :down_rows]
+        if shared:
+            # Project down and compute the router logits with one matrix product.
+            fused_weight = torch.cat([down_weight, router_weight])
+            projected = x @ fused_weight.t()
+            down_projection = projected[:, :down_rows]
+            logits = projected[:, down_rows:]
+        else:
+            # Two products, so that only the down-projection is saved and the backward pass
+            # recomputes the logits from the saved input.
+            down_projection = x @ arrange_down_weight(down_weight, num_experts, expert_rank, shared).t()
+            logits = x @ router_weight.t()
 
         # Route: one softmax over the experts per slot, computed in place over the logits.
-        routing_weights = softmax_over_experts_(projected[:, down_rows:].view(tokens, slots, num_experts))
-        if top_k is not None and top_k < num_experts:
-            keep_top_k_(routing_weights, top_k)
+        routing_weights = _route_(logits.view(tokens, slots, num_experts), top_k)
 
         # Mix and project up.
         mixed = _mix(routing_weights, down_projection, shared, expert_rank)
@@ -156,24 +172,30 @@ class _FusedMoDEUpdate(torch.autograd.Function):
             mixed = mixed * scaling
         update = mixed @ arrange_up_weight(up_weight, expert_rank).t()
 
-        ctx.save_for_backward(x, down_weight, router_weight, up_weight, projected)
+        ctx.save_for_backward(x, down_weight, router_weight, up_weight, projected if shared else down_projection)
         ctx.expert_rank = expert_rank
         ctx.scaling = scaling
         ctx.shared = shared
+        ctx.top_k = top_k
         ctx.mark_non_differentiable(routing_weights)
         return update, routing_weights
 
     @staticmethod
     def backward(ctx, grad_update, _grad_routing):
-        x, down_weight, router_weight, up_weight, projected = ctx.saved_tensors
+        x, down_weight, router_weight, up_weight, saved = ctx.saved_tensors
         expert_rank, scaling, shared = ctx.expert_rank, ctx.scaling, ctx.shared
         num_experts, out_features, rank = up_weight.shape
         down_rows = down_weight.shape[0]
         tokens = x.shape[0]
         slots = router_weight.shape[0] // num_experts
         grad_update = grad_update.reshape(tokens, out_features)
-        down_projection = projected[:, :down_rows]
-        routing_weights = projected[:, down_rows:].view(tokens, slots, num_experts)
+        if shared:
+            down_projection = saved[:, :down_rows]
+            routing_weights = saved[:, down_rows:].view(tokens, slots, num_experts)
+        else:
+            # Recompute the routing weights with the same operations as the forward pass.
+            down_projection = saved
+            routing_weights = _route_((x @ router_weight.t()).view(tokens, slots, num_experts), ctx.top_k)
         up_matrix = arrange_up_weight(up_weight, expert_rank)
 
         # Up-projection: recompute the mixed activations instead of storing them.
