@@ -49,8 +49,11 @@ def mode_parameter_count(
 
 
 def method_parameter_count(method: str, in_features: int, out_features: int, r: int, num_experts: int = 1,
-                           expert_rank: Optional[int] = None) -> int:
-    """Return the parameters of ``method`` (one of `METHODS`) on a P x Q layer."""
+                           expert_rank: Optional[int] = None, share_down_projection: bool = True) -> int:
+    """Return the parameters of ``method`` (one of `METHODS`) on a P x Q layer.
+
+    ``share_down_projection`` applies to mode only; the other methods fix it.
+    """
     if method == "lora":
         return r * (in_features + out_features)
     if method == "molora":
@@ -58,7 +61,7 @@ def method_parameter_count(method: str, in_features: int, out_features: int, r: 
     if method == "molora_sd":
         return mode_parameter_count(in_features, out_features, r, num_experts, r, share_down_projection=True)
     if method == "mode":
-        return mode_parameter_count(in_features, out_features, r, num_experts, expert_rank, share_down_projection=True)
+        return mode_parameter_count(in_features, out_features, r, num_experts, expert_rank, share_down_projection)
     raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
 
 
@@ -80,9 +83,11 @@ def layer_shapes(model: nn.Module, target_modules: Iterable[str]) -> list[tuple[
 
 
 def total_parameter_count(shapes: Iterable[tuple[str, int, int]], method: str, r: int, num_experts: int = 1,
-                          expert_rank: Optional[int] = None) -> int:
+                          expert_rank: Optional[int] = None, share_down_projection: bool = True) -> int:
     """Return ``method``'s parameters summed over the layer shapes from `layer_shapes`."""
-    return sum(method_parameter_count(method, p, q, r, num_experts, expert_rank) for _, p, q in shapes)
+    return sum(
+        method_parameter_count(method, p, q, r, num_experts, expert_rank, share_down_projection) for _, p, q in shapes
+    )
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,11 @@ class DataSettings:
 
 @dataclass
 class AdapterSettings:
-    """The adapter: ``method`` is mode, molora, molora_sd or lora; the rest are its sizes."""
+    """The adapter: ``method`` is mode, molora, molora_sd or lora; the rest are its sizes.
+
+    ``share_down_projection`` applies to mode only; null means the method's own choice
+    (shared for mode and molora_sd, one per expert for molora).
+    """
 
     method: str = "mode"
     r: int = 8
@@ -51,6 +55,7 @@ class AdapterSettings:
     target_modules: Union[list[str], str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     router_init_scale: float = 0.01
     top_k: Optional[int] = None
+    share_down_projection: Optional[bool] = None
 
 
 @dataclass
@@ -221,6 +226,16 @@ def _validate_adapter(adapter: AdapterSettings) -> None:
     _require(
         adapter.method != "mode" or adapter.r % adapter.expert_rank == 0,
         f"adapter.expert_rank={adapter.expert_rank} must divide adapter.r={adapter.r}.",
+    )
+    share = adapter.share_down_projection
+    _require(
+        share is None or isinstance(share, bool),
+        f"adapter.share_down_projection must be true, false or null, got {share!r}.",
+    )
+    _require(
+        share is None or adapter.method == "mode",
+        f"adapter.share_down_projection={share} applies to method mode only, got method {adapter.method!r}; "
+        "molora always has one down-projection per expert and molora_sd a shared one, so remove the key.",
     )
     if adapter.top_k is not None:
         _require(

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from fixtures import TASKS, save_tiny_causal_lm, write_sni_fixture
 from peft_mode.cli import main
+from peft_mode.experiment import ConfigError
 
 TINY_CONFIG = {
     "data": {"tasks": list(TASKS), "max_source_length": 64, "max_target_length": 8},
@@ -189,3 +190,30 @@ def test_top_k_reaches_adapter_config():
 
     assert config.top_k == 2
     assert config.num_experts == 3
+
+
+@pytest.mark.parametrize(
+    "method, share, expected",
+    [("mode", None, True), ("mode", False, False), ("mode", True, True), ("molora", None, False),
+     ("molora_sd", None, True)],
+)
+def test_share_down_projection_reaches_adapter_config(method, share, expected):
+    from peft_mode.experiment import AdapterSettings
+    from peft_mode.training.run import adapter_config
+
+    config = adapter_config(AdapterSettings(method=method, r=4, num_experts=3, share_down_projection=share))
+
+    assert config.share_down_projection is expected
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("adapter.share_down_projection=yes please", "must be true, false or null"),
+     ("adapter.method=molora_sd", "applies to method mode only"),
+     ("adapter.method=lora", "applies to method mode only")],
+)
+def test_share_down_projection_checked(override, message):
+    from peft_mode.experiment import load_experiment_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_experiment_config(None, ["adapter.share_down_projection=false", override])

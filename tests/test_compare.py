@@ -246,3 +246,44 @@ def test_compare_report_command(tmp_path, capsys):
     assert f"Notes file {tmp_path / 'none.md'} does not exist" in capsys.readouterr().err
     assert written == 0
     assert "Caveat: fake numbers." in (tmp_path / "docs" / "results.md").read_text()
+
+
+def test_extra_adapter_keys_reach_runs_and_counts(tmp_path):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peft_mode.compare.grid import adapter_parameter_counts
+    from peft_mode.training.run import adapter_config
+
+    values = yaml.safe_load(yaml.safe_dump(GRID))
+    values["comparison"]["adapters"].append(
+        {"name": "mode-per-expert", "method": "mode", "r": 4, "num_experts": 3, "expert_rank": 1, "top_k": 2,
+         "share_down_projection": False}
+    )
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(values))
+    comparison = load_comparison_config(path)
+    adapter = comparison.adapters[-1]
+    settings = comparison.run_config(adapter, 0).adapter
+
+    assert settings.top_k == 2
+    assert settings.share_down_projection is False
+    assert adapter.label() == "MoDE 3x4x1 (per-expert A)"
+
+    model_dir = save_tiny_causal_lm(tmp_path / "model")
+    counts = adapter_parameter_counts(comparison, AutoModelForCausalLM.from_pretrained(model_dir))
+    for entry in comparison.adapters:
+        peft_model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(model_dir), adapter_config(comparison.run_config(entry, 0).adapter)
+        )
+        assert counts[entry.name] == peft_model.get_nb_trainable_parameters()[0], entry.name
+
+
+def test_share_down_projection_only_for_mode_entries(tmp_path):
+    values = yaml.safe_load(yaml.safe_dump(GRID))
+    values["comparison"]["adapters"][0]["share_down_projection"] = False
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(values))
+
+    with pytest.raises(ConfigError, match=r"adapters\[0\].share_down_projection applies to method mode only"):
+        load_comparison_config(path)

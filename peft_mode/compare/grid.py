@@ -36,7 +36,8 @@ from ..experiment import ConfigError, ExperimentConfig, apply_overrides, config_
 logger = logging.getLogger(__name__)
 
 MANIFEST = "comparison.json"
-ADAPTER_KEYS = {"name", "method", "r", "num_experts", "expert_rank", "alpha", "dropout", "router_init_scale", "top_k"}
+EXTRA_ADAPTER_KEYS = ("alpha", "dropout", "router_init_scale", "top_k", "share_down_projection")
+ADAPTER_KEYS = {"name", "method", "r", "num_experts", "expert_rank", *EXTRA_ADAPTER_KEYS}
 
 
 @dataclass
@@ -63,7 +64,15 @@ class AdapterEntry:
             return f"MoLoRA {self.num_experts}x{self.r}"
         if self.method == "molora_sd":
             return f"MoLoRA-SD {self.num_experts}x{self.r}"
-        return f"MoDE {self.num_experts}x{self.r}x{self.expert_rank}"
+        label = f"MoDE {self.num_experts}x{self.r}x{self.expert_rank}"
+        return label if self.shares_down_projection else label + " (per-expert A)"
+
+    @property
+    def shares_down_projection(self) -> bool:
+        """Whether the adapter uses one down-projection for all experts."""
+        if self.method == "molora":
+            return False
+        return self.extra.get("share_down_projection") is not False
 
 
 @dataclass
@@ -108,8 +117,13 @@ def _parse_adapter(entry: Any, index: int) -> AdapterEntry:
     name = str(entry["name"])
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"comparison.adapters[{index}].name {name!r} must be a plain folder name.")
-    extra = {key: entry[key] for key in ("alpha", "dropout", "router_init_scale") if key in entry}
+    extra = {key: entry[key] for key in EXTRA_ADAPTER_KEYS if key in entry}
     method = entry["method"]
+    if "share_down_projection" in entry and method != "mode":
+        raise ConfigError(
+            f"comparison.adapters[{index}].share_down_projection applies to method mode only, got method {method!r}; "
+            "remove the key (molora has one down-projection per expert, molora_sd a shared one)."
+        )
     num_experts = 1 if method == "lora" else int(entry.get("num_experts", 4))
     expert_rank = entry.get("expert_rank") if method == "mode" else None
     return AdapterEntry(name, method, int(entry["r"]), num_experts, expert_rank, extra)
@@ -153,7 +167,9 @@ def adapter_parameter_counts(comparison: ComparisonConfig, model) -> dict[str, i
         raise ConfigError("Budget matching needs adapter.target_modules as a list of module names, not a pattern.")
     shapes = layer_shapes(model, targets)
     return {
-        adapter.name: total_parameter_count(shapes, adapter.method, adapter.r, adapter.num_experts, adapter.expert_rank)
+        adapter.name: total_parameter_count(
+            shapes, adapter.method, adapter.r, adapter.num_experts, adapter.expert_rank, adapter.shares_down_projection
+        )
         for adapter in comparison.adapters
     }
 

@@ -41,6 +41,13 @@ logger = logging.getLogger(__name__)
 EXPERIMENT_FILE = "experiment.yaml"
 
 
+def shares_down_projection(settings: AdapterSettings) -> bool:
+    """Return whether the adapter of ``settings`` uses one down-projection for all experts."""
+    if settings.share_down_projection is not None:
+        return settings.share_down_projection
+    return settings.method != "molora"
+
+
 def adapter_config(settings: AdapterSettings) -> PeftConfig:
     """Build the PEFT config of ``settings.method``: mode, molora, molora_sd or lora."""
     common = dict(target_modules=settings.target_modules, task_type="CAUSAL_LM")
@@ -56,7 +63,7 @@ def adapter_config(settings: AdapterSettings) -> PeftConfig:
         r=settings.r,
         num_experts=settings.num_experts,
         expert_rank=expert_rank,
-        share_down_projection=settings.method != "molora",
+        share_down_projection=shares_down_projection(settings),
         alpha=settings.alpha,
         dropout=settings.dropout,
         router_init_scale=settings.router_init_scale,
@@ -111,7 +118,8 @@ class RunResult:
     total_parameters: int
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
+    """Return whether this is the first process of a multi-process launch, or the only process."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -173,7 +181,7 @@ def run_experiment(
     if model is None:
         model, tokenizer = load_model_and_tokenizer(config.model)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if _is_main_process():
+    if is_main_process():
         config.save(output_dir / EXPERIMENT_FILE)
 
     prompt_tokenizer = PromptTokenizer(
