@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training.run import resolve_sni_dir, run_experiment
+    from .training.run import is_main_process, resolve_sni_dir, run_experiment
 
     overrides = list(args.overrides)
     if args.model:
@@ -85,6 +85,8 @@ def _train(args: argparse.Namespace) -> int:
         result = run_experiment(config, args.output_dir)
     finally:
         _close_process_group()
+    if not is_main_process():
+        return 0
     if result.eval_results is not None:
         from .evaluation import results_table
 
