@@ -52,7 +52,7 @@ def method_parameter_count(method: str, in_features: int, out_features: int, r: 
                            expert_rank: Optional[int] = None, share_down_projection: bool = True) -> int:
     """Return the parameters of ``method`` (one of `METHODS`) on a P x Q layer.
 
-    ``share_down_projection`` applies to mode only; the other methods fix it.
+    ``share_down_projection`` applies to mode only, because the other methods fix it.
     """
     if method == "lora":
         return r * (in_features + out_features)

@@ -42,8 +42,8 @@ class DataSettings:
 class AdapterSettings:
     """The adapter: ``method`` is mode, molora, molora_sd or lora; the rest are its sizes.
 
-    ``share_down_projection`` applies to mode only; null means the method's own choice
-    (shared for mode and molora_sd, one per expert for molora).
+    ``share_down_projection`` applies to mode only. Null means the method's own choice:
+    shared for mode and molora_sd, one per expert for molora.
     """
 
     method: str = "mode"
@@ -204,6 +204,13 @@ def load_experiment_config(path: Optional[Union[str, Path]], overrides: Optional
         except yaml.YAMLError as error:
             raise ConfigError(f"Config file {config_path} is not valid YAML: {error}") from error
     return config_from_dict(apply_overrides(values, overrides or []))
+
+
+def shares_down_projection(method: str, share_down_projection: Optional[bool]) -> bool:
+    """Return whether ``method`` uses one down-projection for all experts. An explicit setting wins."""
+    if share_down_projection is not None:
+        return share_down_projection
+    return method != "molora"
 
 
 def _require(condition: bool, message: str) -> None:

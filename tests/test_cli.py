@@ -197,7 +197,7 @@ def test_top_k_reaches_adapter_config():
     [("mode", None, True), ("mode", False, False), ("mode", True, True), ("molora", None, False),
      ("molora_sd", None, True)],
 )
-def test_share_down_projection_reaches_adapter_config(method, share, expected):
+def test_share_key_reaches_adapter_config(method, share, expected):
     from peft_mode.experiment import AdapterSettings
     from peft_mode.training.run import adapter_config
 
@@ -212,7 +212,7 @@ def test_share_down_projection_reaches_adapter_config(method, share, expected):
      ("adapter.method=molora_sd", "applies to method mode only"),
      ("adapter.method=lora", "applies to method mode only")],
 )
-def test_share_down_projection_checked(override, message):
+def test_share_key_checked(override, message):
     from peft_mode.experiment import load_experiment_config
 
     with pytest.raises(ConfigError, match=message):

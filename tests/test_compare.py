@@ -248,7 +248,7 @@ def test_compare_report_command(tmp_path, capsys):
     assert "Caveat: fake numbers." in (tmp_path / "docs" / "results.md").read_text()
 
 
-def test_extra_adapter_keys_reach_runs_and_counts(tmp_path):
+def test_extra_keys_reach_runs_and_counts(tmp_path):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -279,11 +279,12 @@ def test_extra_adapter_keys_reach_runs_and_counts(tmp_path):
         assert counts[entry.name] == peft_model.get_nb_trainable_parameters()[0], entry.name
 
 
-def test_share_down_projection_only_for_mode_entries(tmp_path):
+def test_share_key_only_for_mode_entries(tmp_path):
     values = yaml.safe_load(yaml.safe_dump(GRID))
     values["comparison"]["adapters"][0]["share_down_projection"] = False
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(values))
 
-    with pytest.raises(ConfigError, match=r"adapters\[0\].share_down_projection applies to method mode only"):
+    expected = r"adapters\[0\] \(lora\): adapter\.share_down_projection=False applies to method mode only"
+    with pytest.raises(ConfigError, match=expected):
         load_comparison_config(path)

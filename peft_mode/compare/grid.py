@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from ..budget import METHODS, layer_shapes, total_parameter_count
-from ..experiment import ConfigError, ExperimentConfig, apply_overrides, config_from_dict
+from ..experiment import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, shares_down_projection
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,7 @@ class AdapterEntry:
     @property
     def shares_down_projection(self) -> bool:
         """Whether the adapter uses one down-projection for all experts."""
-        if self.method == "molora":
-            return False
-        return self.extra.get("share_down_projection") is not False
+        return shares_down_projection(self.method, self.extra.get("share_down_projection"))
 
 
 @dataclass
@@ -119,11 +117,6 @@ def _parse_adapter(entry: Any, index: int) -> AdapterEntry:
         raise ConfigError(f"comparison.adapters[{index}].name {name!r} must be a plain folder name.")
     extra = {key: entry[key] for key in EXTRA_ADAPTER_KEYS if key in entry}
     method = entry["method"]
-    if "share_down_projection" in entry and method != "mode":
-        raise ConfigError(
-            f"comparison.adapters[{index}].share_down_projection applies to method mode only, got method {method!r}; "
-            "remove the key (molora has one down-projection per expert, molora_sd a shared one)."
-        )
     num_experts = 1 if method == "lora" else int(entry.get("num_experts", 4))
     expert_rank = entry.get("expert_rank") if method == "mode" else None
     return AdapterEntry(name, method, int(entry["r"]), num_experts, expert_rank, extra)
@@ -155,8 +148,12 @@ def load_comparison_config(path: Union[str, Path], overrides: Optional[list[str]
         raise ConfigError(f"comparison.seeds must be a non-empty list of integers, got {seeds!r}.")
     experiment = apply_overrides(values, overrides or [])
     comparison = ComparisonConfig(experiment, adapters, seeds, float(section.get("budget_tolerance", 0.05)))
-    for adapter in adapters:
-        comparison.run_config(adapter, seeds[0])  # validates every adapter's settings
+    for index, adapter in enumerate(adapters):
+        # Building the run config validates the adapter's settings, so name the entry in any error.
+        try:
+            comparison.run_config(adapter, seeds[0])
+        except ConfigError as error:
+            raise ConfigError(f"comparison.adapters[{index}] ({adapter.name}): {error}") from error
     return comparison
 
 

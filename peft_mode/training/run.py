@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, TrainingArguments
 from ..data.sni import SNISplits, instances_to_dataset, load_sni_splits
 from ..data.tokenization import CausalLMCollator, PromptTokenizer, tokenize_for_training
 from ..evaluation import evaluate_model, write_results
-from ..experiment import AdapterSettings, ConfigError, ExperimentConfig
+from ..experiment import AdapterSettings, ConfigError, ExperimentConfig, shares_down_projection
 from ..models import SMOLLM2_GGUF, SMOLLM2_NAME, load_model_and_tokenizer, resolve_bf16
 from ..tuner import MoDEConfig
 from .callback import RouterStatsCallback
@@ -39,13 +39,6 @@ from .trainer import TargetLogitsTrainer
 logger = logging.getLogger(__name__)
 
 EXPERIMENT_FILE = "experiment.yaml"
-
-
-def shares_down_projection(settings: AdapterSettings) -> bool:
-    """Return whether the adapter of ``settings`` uses one down-projection for all experts."""
-    if settings.share_down_projection is not None:
-        return settings.share_down_projection
-    return settings.method != "molora"
 
 
 def adapter_config(settings: AdapterSettings) -> PeftConfig:
@@ -63,7 +56,7 @@ def adapter_config(settings: AdapterSettings) -> PeftConfig:
         r=settings.r,
         num_experts=settings.num_experts,
         expert_rank=expert_rank,
-        share_down_projection=shares_down_projection(settings),
+        share_down_projection=shares_down_projection(settings.method, settings.share_down_projection),
         alpha=settings.alpha,
         dropout=settings.dropout,
         router_init_scale=settings.router_init_scale,
